@@ -1,0 +1,190 @@
+"""The frozen ImageNet backbones, behind one signature, each paired with its preprocessing.
+
+Everything that decides the numbers a backbone produces (architecture, width, weights'
+identity, input size, preprocessing, resize, precision, stored dtype) goes into its
+fingerprint, which names the cache file. The fingerprint is computed without importing
+TensorFlow, so a stage with nothing to extract starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import images
+from .config import BackboneConfig, Config
+from .errors import ConfigError, PipelineError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications submodule whose preprocess_input belongs to the model
+    input_size: int
+    has_alpha: bool = False
+
+    def weights_file_name(self, alpha: float) -> str:
+        """The file Keras downloads for `weights="imagenet"` without the top."""
+        size = self.input_size
+        if self.name == "mobilenet":
+            return f"mobilenet_{_MOBILENET_ALPHA_TEXT.get(alpha, alpha)}_{size}_tf_no_top.h5"
+        if self.name == "mobilenet_v2":
+            return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{size}_no_top.h5"
+        return _NO_TOP_FILES[self.name]
+
+
+_MOBILENET_ALPHA_TEXT = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
+_NO_TOP_FILES = {
+    "inception_v3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "efficientnet_b0": "efficientnetb0_notop.h5",
+}
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299),
+        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, has_alpha=True),
+        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, has_alpha=True),
+        BackboneSpec("resnet50", "ResNet50", "resnet50", 224),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"backbone.name = {name!r} is unknown; fix: use one of {', '.join(REGISTRY)}") from None
+
+
+def keras_weights_path(spec: BackboneSpec, alpha: float) -> Path:
+    """Where Keras keeps (or will download) the ImageNet weights: $KERAS_HOME/models/."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models" / spec.weights_file_name(alpha)
+
+
+def weights_identity(backbone: BackboneConfig) -> str | None:
+    """What the weights are, by content; None when ImageNet weights still need downloading."""
+    spec = get_spec(backbone.name)
+    if backbone.weights == "random":
+        return f"random:seed={backbone.seed}:keras={importlib.metadata.version('keras')}"
+    if backbone.weights == "imagenet":
+        path = keras_weights_path(spec, backbone.alpha)
+        return f"imagenet:{path.name}:sha256={_file_sha256(path)}" if path.is_file() else None
+    path = Path(backbone.weights)
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights = {backbone.weights!r}: no such file; fix: use 'imagenet', "
+                          "'random' or the path of a Keras weights file")
+    return f"file:{path.name}:sha256={_file_sha256(path)}"
+
+
+def fingerprint(config: Config) -> dict | None:
+    """Every setting that changes the cached numbers; None if the weights are not here yet."""
+    backbone = config.backbone
+    spec = get_spec(backbone.name)
+    identity = weights_identity(backbone)
+    if identity is None:
+        return None
+    return {
+        "backbone": spec.name,
+        "alpha": backbone.alpha if spec.has_alpha else None,
+        "weights": identity,
+        "input_size": spec.input_size,
+        "decode": images.DECODE_ID,
+        "preprocessing": f"keras.applications.{spec.module}.preprocess_input",
+        "precision": backbone.precision,
+        "feature_dtype": config.cache.dtype,
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def build_model(backbone: BackboneConfig, *, include_top: bool = False):
+    """The Keras model from keras.applications, frozen, global-average-pooled when headless."""
+    import keras
+
+    spec = get_spec(backbone.name)
+    weights = backbone.weights
+    if weights == "random":
+        keras.utils.set_random_seed(backbone.seed)
+        weights = None
+    kwargs = {"include_top": include_top, "weights": weights}
+    if not include_top:
+        kwargs.update(pooling="avg", input_shape=(spec.input_size, spec.input_size, 3))
+    if spec.has_alpha:
+        kwargs["alpha"] = backbone.alpha
+    previous_policy = keras.config.dtype_policy()
+    if backbone.precision == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = getattr(keras.applications, spec.constructor)(**kwargs)
+    except Exception as exc:  # Keras raises a bare Exception for a failed download
+        if backbone.weights != "imagenet":
+            raise PipelineError(f"backbone.weights = {backbone.weights!r} does not fit {spec.name}: {exc}") from None
+        target = keras_weights_path(spec, backbone.alpha)
+        raise PipelineError(
+            f"could not get ImageNet weights for {spec.name} ({str(exc).splitlines()[0][:160]}); fix: connect "
+            f"to the internet once, or put {target.name} in {target.parent}, or set backbone.weights to a "
+            "local weights file"
+        ) from None
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    model.trainable = False
+    return model
+
+
+def resolve_weights(config: Config) -> Config:
+    """Fall back to random weights for the embedded demo when ImageNet weights can't be had."""
+    backbone = config.backbone
+    if backbone.weights != "imagenet" or not backbone.allow_random_fallback:
+        return config
+    if keras_weights_path(get_spec(backbone.name), backbone.alpha).is_file():
+        return config
+    try:
+        build_model(backbone)
+        return config
+    except PipelineError as exc:
+        print("\n" + "!" * 78, file=sys.stderr)
+        print(f"WARNING: {exc}", file=sys.stderr)
+        print("WARNING: the demo goes on with RANDOM weights: its accuracy will be MEANINGLESS.", file=sys.stderr)
+        print("!" * 78 + "\n", file=sys.stderr)
+        return replace(config, backbone=replace(backbone, weights="random"))
+
+
+class FeatureExtractor:
+    """A frozen backbone as one compiled function: a uint8 image batch in, float32 rows out.
+
+    Preprocessing runs inside the same `tf.function`, so it can never drift from the model.
+    """
+
+    def __init__(self, backbone: BackboneConfig):
+        import tensorflow as tf
+
+        spec = get_spec(backbone.name)
+        model = build_model(backbone)
+        preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+        self.input_size = spec.input_size
+        self.feature_dim = int(model.output_shape[-1])
+        signature = [tf.TensorSpec([None, spec.input_size, spec.input_size, 3], tf.uint8)]
+
+        @tf.function(input_signature=signature)
+        def infer(batch):
+            return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
+
+        self._infer = infer
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._infer(batch).numpy()

@@ -1,0 +1,184 @@
+"""The extract stage: every image once through the frozen backbone, into the cache.
+
+Only what the cache lacks is computed. A file whose path, size and mtime match the index
+is not even re-read; a renamed or touched file is re-hashed but not re-decoded; only new
+content reaches the backbone. Decoding runs in a thread pool ahead of inference, so the
+backbone (which releases the GIL) is kept busy, and each batch is committed before the
+next, so a crash loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backbones, images
+from .cache import CacheWriter, FileRecord, cache_path
+from .config import Config
+from .dataset import ImageEntry
+from .errors import ImageError
+from .features import dataset_from_config
+
+_INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
+
+
+@dataclass
+class ExtractSummary:
+    cache_path: Path
+    total: int
+    extracted: int = 0
+    reused: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason), all current failures
+    seconds: float = 0.0
+    backbone_batches: int = 0
+
+    def describe(self) -> str:
+        rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
+        lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
+                 f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
+        if self.failed:
+            lines.append(f"{len(self.failed)} image(s) could not be decoded and are left out:")
+            lines += [f"  {path}: {reason}" for path, reason in self.failed[:20]]
+            if len(self.failed) > 20:
+                lines.append(f"  ... and {len(self.failed) - 20} more (all recorded in the cache under /failures)")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Loaded:
+    entry: ImageEntry
+    record: FileRecord
+    image: np.ndarray | None = None  # None when the content is already cached
+    error: str | None = None
+
+
+def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
+                make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
+    started = time.perf_counter()
+    dataset = dataset_from_config(config)
+    config = backbones.resolve_weights(config)
+    fp = backbones.fingerprint(config)
+    extractor = None
+    if fp is None:  # ImageNet weights not downloaded yet: building the model fetches them
+        extractor = make_extractor(config.backbone)
+        fp = backbones.fingerprint(config)
+    path = cache_path(config.cache.dir, config.dataset_name, fp)
+    with CacheWriter(path, fp, dtype=config.cache.dtype, rebuild=rebuild) as cache:
+        summary = ExtractSummary(path, total=len(dataset.entries))
+        index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
+        known = set(rows) | set(failures)
+        stale = [(entry, stat) for entry in dataset.entries
+                 if (stat := _stat(entry.path)) is None or not _is_current(index.get(entry.relpath), stat, known)]
+        summary.reused = len(dataset.entries) - len(stale)
+
+        def get_extractor():
+            nonlocal extractor
+            if extractor is None:
+                extractor = make_extractor(config.backbone)
+            cache.ensure_feature_dim(extractor.feature_dim)
+            return extractor
+
+        size = backbones.get_spec(config.backbone.name).input_size
+        load = _loader(size, config.data.max_image_pixels, known)
+        workers = config.extract.workers or os.cpu_count() or 1
+        batch: list[_Loaded] = []
+        pending_files: list[tuple[str, FileRecord]] = []
+        pending_failures: list[tuple[str, str, str]] = []
+
+        def commit():
+            keys, feature_rows = [], np.zeros((0, 0), np.float32)
+            fresh = {}
+            for item in batch:  # the same new content twice in one batch is computed once
+                fresh.setdefault(item.record.key, item)
+            if fresh:
+                feature_rows = get_extractor()(np.stack([item.image for item in fresh.values()]))
+                keys = list(fresh)
+                summary.backbone_batches += 1
+            files = pending_files + [(item.entry.relpath, item.record) for item in batch]
+            cache.commit(keys, feature_rows, files, pending_failures)
+            known.update(keys)
+            known.update(key for key, _, _ in pending_failures)
+            summary.extracted += len(keys)
+            batch.clear(), pending_files.clear(), pending_failures.clear()
+
+        bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
+                   dynamic_ncols=True, file=sys.stderr)
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+            for item in _prefetch(pool, load, stale, depth=4 * config.backbone.batch_size):
+                if item.error is not None:
+                    if item.record.key not in known:
+                        pending_failures.append((item.record.key, item.entry.relpath, item.error))
+                    pending_files.append((item.entry.relpath, item.record))
+                elif item.image is None or item.record.key in known:
+                    summary.reused += 1
+                    pending_files.append((item.entry.relpath, item.record))
+                else:
+                    batch.append(item)
+                if len(batch) >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
+                    commit()
+                bar.update()
+            commit()
+        bar.close()
+        failures = cache.failures()
+        index = cache.file_index()
+        summary.failed = sorted((entry.relpath, failures[index[entry.relpath].key][1])
+                                for entry in dataset.entries
+                                if entry.relpath in index and index[entry.relpath].key in failures)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _is_current(record: FileRecord | None, stat: os.stat_result, known: set[str]) -> bool:
+    return (record is not None and record.key in known
+            and (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns))
+
+
+def _loader(size: int, max_pixels: int, known: set[str]):
+    """Read a file once: hash it, and decode it only if its content is not cached yet."""
+
+    def load(job: tuple[ImageEntry, os.stat_result | None]) -> _Loaded:
+        entry, stat = job
+        size_bytes, mtime_ns = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+        try:
+            data = entry.path.read_bytes()
+        except OSError as exc:
+            marker = hashlib.sha256(f"unreadable:{entry.relpath}".encode()).hexdigest()
+            reason = f"cannot read the file ({exc.strerror or exc})"
+            return _Loaded(entry, FileRecord(size_bytes, mtime_ns, marker), error=reason)
+        record = FileRecord(size_bytes, mtime_ns, images.content_hash(data))
+        if record.key in known:
+            return _Loaded(entry, record)
+        try:
+            return _Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+        except ImageError as exc:
+            return _Loaded(entry, record, error=str(exc))
+
+    return load
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
+    """`pool.map` in order, but with at most `depth` results in flight, so memory stays flat."""
+    queue: collections.deque = collections.deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= depth:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()

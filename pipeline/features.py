@@ -1,0 +1,71 @@
+"""Joins a dataset with its cache: which images are cached, under which content hash.
+
+Every stage after extract goes through here, and none of it needs the backbone: a file is
+matched to its cached row by path, size and mtime, so nothing is re-hashed or re-decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backbones, demo
+from .cache import FeatureCache, cache_path
+from .config import Config
+from .dataset import Dataset, discover
+from .errors import CacheError, DatasetError
+
+
+def dataset_from_config(config: Config) -> Dataset:
+    data = config.data
+    if data.embedded == "digits":
+        demo.ensure_digits(Path(data.root))
+    map_files = {split: Path(path) for split, path in (
+        ("all", data.map_file), ("train", data.train_map), ("val", data.val_map), ("test", data.test_map)) if path}
+    return discover(data.root, layout=data.layout, map_files=map_files or None,
+                    allow_outside_root=data.allow_outside_root,
+                    ignore=[Path(config.cache.dir).resolve(), Path(config.run.dir).resolve()])
+
+
+def open_cache(config: Config) -> FeatureCache:
+    """The cache this config's extract wrote; a clear error when there is none yet."""
+    fp = backbones.fingerprint(config)
+    if fp is None:
+        raise CacheError(f"no ImageNet weights for {config.backbone.name} on this machine, so nothing can "
+                         "have been extracted with them; fix: run `make extract` first")
+    return FeatureCache(cache_path(config.cache.dir, config.dataset_name, fp), fp)
+
+
+@dataclass
+class CachedImages:
+    keys: dict[str, str]  # relpath -> content hash, for images with a feature row
+    failed: dict[str, str]  # relpath -> why it could not be decoded
+    missing: list[str]  # relpaths the cache has not seen in their current state
+
+
+def match_cached(dataset: Dataset, cache: FeatureCache) -> CachedImages:
+    index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
+    result = CachedImages({}, {}, [])
+    for entry in dataset.entries:
+        record = index.get(entry.relpath)
+        try:
+            stat = os.stat(entry.path)
+            current = record is not None and (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            current = False
+        if current and record.key in rows:
+            result.keys[entry.relpath] = record.key
+        elif current and record.key in failures:
+            result.failed[entry.relpath] = failures[record.key][1]
+        else:
+            result.missing.append(entry.relpath)
+    return result
+
+
+def require_complete(cached: CachedImages) -> None:
+    """Training on a partly extracted dataset would silently drop images: refuse instead."""
+    if cached.missing:
+        example = cached.missing[0]
+        raise DatasetError(f"{len(cached.missing)} image(s) are new or changed since the last extract "
+                           f"(e.g. {example}); fix: run `make extract` with the same config first")

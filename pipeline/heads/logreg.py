@@ -1,0 +1,106 @@
+"""Logistic regression on standardised features, its strength chosen on validation data.
+
+Fitted with scikit-learn, stored as the four arrays that define it (mean, scale,
+coefficients, intercepts) so that loading needs no pickle and an export can rebuild it
+exactly as standardisation plus one softmax layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.preprocessing import StandardScaler
+
+from ..config import LogRegConfig
+
+FILE_NAME = "head.h5"
+
+
+@dataclass
+class LogisticRegressionHead:
+    c_values: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    max_iter: int = 1000
+    kind = "logreg"
+
+    @classmethod
+    def from_config(cls, config: LogRegConfig) -> "LogisticRegressionHead":
+        return cls(c_values=list(config.c_values), max_iter=config.max_iter)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+            n_classes: int | None = None) -> "LogisticRegressionHead":
+        """Try each C (warm-started, smallest first); keep the best on validation accuracy."""
+        n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
+        scaler = StandardScaler().fit(X)
+        Z, Z_val = scaler.transform(X), scaler.transform(X_val)
+        model = LogisticRegression(max_iter=self.max_iter, warm_start=True)
+        best, self.history_ = None, []
+        for c in sorted(self.c_values):
+            model.set_params(C=c)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(Z, y)
+            proba = _expand(model.predict_proba(Z_val), model.classes_, n_classes)
+            score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
+            self.history_.append({"C": c, "val_accuracy": score[0], "val_log_loss": -score[1]})
+            if best is None or score > best[0]:
+                best = (score, c, model.coef_.copy(), model.intercept_.copy(), model.classes_.copy())
+        _, self.C_, coef, intercept, classes = best
+        self.mean_, self.scale_ = scaler.mean_, scaler.scale_
+        self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
+        return self
+
+    @property
+    def params_(self) -> dict:
+        return {"C": self.C_}
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        z = self.logits(np.asarray(X, dtype=np.float64))
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, directory: Path) -> None:
+        with h5py.File(Path(directory) / FILE_NAME, "w") as f:
+            for name in ("mean_", "scale_", "coef_", "intercept_"):
+                f.create_dataset(name.rstrip("_"), data=getattr(self, name))
+            f.attrs["C"] = self.C_
+
+    @classmethod
+    def load(cls, directory: Path) -> "LogisticRegressionHead":
+        head = cls()
+        with h5py.File(Path(directory) / FILE_NAME, "r") as f:
+            for name in ("mean_", "scale_", "coef_", "intercept_"):
+                setattr(head, name, f[name.rstrip("_")][...])
+            head.C_ = float(f.attrs["C"])
+        return head
+
+
+def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Columns for every class, also those absent from the training labels."""
+    full = np.zeros((len(proba), n_classes))
+    full[:, classes] = proba
+    return full
+
+
+def _softmax_form(coef, intercept, classes, n_classes):
+    """One logit row per class, so probabilities are always a softmax (binary included).
+
+    A class never seen in training gets a logit of -inf-like magnitude so it is never chosen.
+    """
+    if len(classes) == 2 and coef.shape[0] == 1:  # sigmoid(z) == softmax([-z/2, z/2])
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    full_coef = np.zeros((n_classes, coef.shape[1]))
+    full_intercept = np.full(n_classes, -1e4)
+    full_coef[classes], full_intercept[classes] = coef, intercept
+    return full_coef, full_intercept

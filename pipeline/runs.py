@@ -1,0 +1,72 @@
+"""Run directories: everything one training run produced, as plain files.
+
+    runs/<dataset>/<time>-<backbone>-<head>/
+        run.json         head kind, chosen hyperparameters, fingerprint, cache file, counts, timings
+        config.toml      the fully resolved config (rerun it with --config)
+        labels.json      class names in the order of the head's outputs
+        samples.jsonl    every image used: path, content hash, label, split
+        history.json     the head's training history (C values tried, or epochs)
+        head.h5 | head.keras   the head's weights as plain data
+        report/          written by the report stage
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, load_config, to_toml
+from .errors import PipelineError
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: Config
+    labels: list[str]
+    samples: list[dict]
+    info: dict
+
+
+def new_run_dir(config: Config) -> Path:
+    base = Path(config.run.dir) / config.dataset_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{config.backbone.name}-{config.head.kind}"
+    candidate, n = base / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = base / f"{name}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def save_run(directory: Path, config: Config, labels: list[str], samples: list[dict], info: dict,
+             history: list[dict]) -> None:
+    (directory / "config.toml").write_text(to_toml(config), encoding="utf-8")
+    (directory / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
+    (directory / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    with open(directory / "samples.jsonl", "w", encoding="utf-8") as out:
+        for sample in samples:
+            out.write(json.dumps(sample) + "\n")
+    (directory / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")  # last: marks it complete
+
+
+def latest_run(config: Config) -> Path:
+    base = Path(config.run.dir) / config.dataset_name
+    runs = sorted(p.parent for p in base.glob("*/run.json")) if base.is_dir() else []
+    if not runs:
+        raise PipelineError(f"no trained run under {base}; fix: run `make train` with the same config first")
+    return runs[-1]
+
+
+def load_run(directory: Path) -> Run:
+    directory = Path(directory)
+    if not (directory / "run.json").is_file():
+        raise PipelineError(f"{directory} is not a complete run directory (no run.json); fix: pass a folder "
+                            "written by `make train`")
+    samples = [json.loads(line) for line in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    return Run(directory, load_config(directory / "config.toml"),
+               json.loads((directory / "labels.json").read_text(encoding="utf-8")), samples,
+               json.loads((directory / "run.json").read_text(encoding="utf-8")))

@@ -1,0 +1,72 @@
+"""The train stage: a head on cached features only; rerun it as often as you like.
+
+It never builds or runs the backbone and, for the logistic-regression head, never imports
+TensorFlow: it reads the cache, assigns splits from content hashes and fits the head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .dataset import assign_splits
+from .errors import DatasetError
+from .features import dataset_from_config, match_cached, open_cache, require_complete
+from .heads import make_head
+from .runs import new_run_dir, save_run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    head: object
+    labels: list[str]
+    split_sizes: dict[str, int]
+    val_accuracy: float
+    seconds: float
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())
+        params = ", ".join(f"{k}={v}" for k, v in self.head.params_.items())
+        return (f"train: {self.head.kind} head on {len(self.labels)} classes ({sizes}); chosen {params}; "
+                f"validation accuracy {self.val_accuracy:.4f} ({self.seconds:.1f} s)\nrun: {self.run_dir}")
+
+
+def run_train(config: Config) -> TrainResult:
+    started = time.perf_counter()
+    dataset = dataset_from_config(config)
+    with open_cache(config) as cache:
+        cached = match_cached(dataset, cache)
+        require_complete(cached)
+        entries = [e for e in dataset.entries if e.relpath in cached.keys]
+        splits = assign_splits(entries, cached.keys, val_percent=config.data.val_percent,
+                               test_percent=config.data.test_percent)
+        labels = sorted({e.label for e in entries if e.label is not None})
+        class_of = {label: i for i, label in enumerate(labels)}
+        rows = cache.row_index()
+        samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
+                   for e in entries if e.relpath in splits]
+        data = {}
+        for split in ("train", "val"):
+            chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
+            if not chosen:
+                raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
+            data[split] = (cache.read_features([rows[s["key"]] for s in chosen]),
+                           np.array([class_of[s["label"]] for s in chosen]))
+        fingerprint, cache_file = cache.fingerprint, str(cache.path)
+    head = make_head(config.head).fit(*data["train"], *data["val"], n_classes=len(labels))
+    val_accuracy = float(np.mean(head.predict_proba(data["val"][0]).argmax(1) == data["val"][1]))
+    split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
+    seconds = time.perf_counter() - started
+    run_dir = new_run_dir(config)
+    head.save(run_dir)
+    info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
+            "failed_images": len(cached.failed), "fingerprint": fingerprint, "cache": cache_file,
+            "dataset": config.dataset_name, "train_seconds": seconds,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    save_run(run_dir, config, labels, samples, info, head.history_)
+    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds)

@@ -1,0 +1,66 @@
+"""Heads: the fit/predict_proba/save/load contract, and numbers equal to scikit-learn's."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.config import HeadConfig, load_config
+from pipeline.heads import load_head, make_head
+from pipeline.heads.logreg import LogisticRegressionHead
+
+
+def _data(n_classes, seed=0):
+    X, y = make_classification(n_samples=300, n_features=40, n_informative=12, n_classes=n_classes,
+                               n_clusters_per_class=1, class_sep=2.5, random_state=seed)
+    return X[:200], y[:200], X[200:], y[200:]
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
+    X, y, X_val, y_val = _data(n_classes)
+    head = LogisticRegressionHead(c_values=[0.01, 1.0]).fit(X, y, X_val, y_val)
+    assert head.C_ in (0.01, 1.0)
+    assert [h["C"] for h in head.history_] == [0.01, 1.0]
+    best = max(head.history_, key=lambda h: (h["val_accuracy"], -h["val_log_loss"]))
+    assert best["C"] == head.C_
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=head.C_, max_iter=5000, tol=1e-10)).fit(X, y)
+    proba = head.predict_proba(X_val)
+    assert proba.shape == (len(X_val), n_classes)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(proba, reference.predict_proba(X_val), atol=2e-2)  # both converge to tol only
+    assert (proba.argmax(1) == reference.predict(X_val)).mean() > 0.97
+    assert (proba.argmax(1) == y_val).mean() > 0.8
+    head.save(tmp_path)
+    loaded = load_head("logreg", tmp_path)
+    np.testing.assert_array_equal(loaded.predict_proba(X_val), proba)
+    assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "head.h5").is_file()
+
+
+def test_logreg_class_missing_from_training_is_never_predicted():
+    X, y, X_val, y_val = _data(3)
+    keep = y != 2
+    head = LogisticRegressionHead(c_values=[1.0]).fit(X[keep], y[keep], X_val, y_val, n_classes=3)
+    proba = head.predict_proba(X_val)
+    assert proba.shape[1] == 3 and proba[:, 2].max() < 1e-6
+
+
+def test_dense_head_learns_stops_early_and_round_trips(tmp_path):
+    X, y, X_val, y_val = _data(3)
+    config = load_config(None, ["head.kind=dense", "head.dense.epochs=300", "head.dense.patience=5",
+                                "head.dense.hidden_units=[32]"]).head
+    head = make_head(config).fit(X.astype(np.float32), y, X_val.astype(np.float32), y_val)
+    assert head.kind == "dense"
+    assert len(head.history_) < 300, "early stopping on validation loss should end training"
+    assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(head.history_[0])
+    proba = head.predict_proba(X_val)
+    assert (proba.argmax(1) == y_val).mean() > 0.8
+    head.save(tmp_path)
+    assert (tmp_path / "head.keras").is_file()
+    np.testing.assert_allclose(load_head("dense", tmp_path).predict_proba(X_val), proba, atol=1e-6)
+
+
+def test_make_head_default_is_logreg():
+    assert make_head(HeadConfig()).kind == "logreg"
