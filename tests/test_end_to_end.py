@@ -1,0 +1,59 @@
+"""The whole staged pipeline on real photos, through the CLI a user runs."""
+
+import json
+
+import pytest
+
+from pipeline import backbones
+from pipeline.cli import main
+
+from conftest import REPO
+
+
+def _run(stage, config_args, *extra):
+    assert main([stage, *config_args, *extra]) == 0
+
+
+def test_flowers5_mobilenet_imagenet_reaches_075(tmp_path, flowers5, keras_home):
+    args = ["--config", str(REPO / "configs" / "flowers5.toml"), "--set", f"data.root='{flowers5}'",
+            "--set", "backbone.name=mobilenet", "--set", "backbone.alpha=0.25",
+            "--set", f"cache.dir='{tmp_path / 'cache'}'", "--set", f"run.dir='{tmp_path / 'runs'}'"]
+    _run("extract", args, "--no-progress")
+    _run("train", args)
+    _run("report", args)
+    (report,) = (tmp_path / "runs" / "flowers5").glob("*/report")
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["n_labeled"] == 200
+    assert metrics["accuracy"] >= 0.75, metrics["accuracy"]
+    predictions = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 200
+    first = predictions[0]
+    assert set(first) >= {"image", "class", "predictions"}
+    probabilities = list(first["predictions"].values())
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert (report / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_hymenoptera_inception_v3_random_weights_whole_pipeline(tmp_path, hymenoptera, monkeypatch, capsys):
+    args = ["--config", str(REPO / "configs" / "hymenoptera.toml"), "--set", f"data.root='{hymenoptera}'",
+            "--set", "backbone.weights=random", "--set", f"cache.dir='{tmp_path / 'cache'}'",
+            "--set", f"run.dir='{tmp_path / 'runs'}'"]
+    _run("extract", args, "--no-progress")
+    out = capsys.readouterr().out
+    assert "398 images: 398 extracted" in out and "0 failed" in out  # the GIF placeholder decodes as an image
+
+    def no_backbone(*_, **__):
+        raise AssertionError("train and report must never build the backbone")
+
+    monkeypatch.setattr(backbones, "build_model", no_backbone)
+    monkeypatch.setattr(backbones, "FeatureExtractor", no_backbone)
+    _run("train", args)
+    _run("train", args + ["--set", "head.kind=dense"])
+    _run("report", args)
+    runs = sorted((tmp_path / "runs" / "hymenoptera").iterdir())
+    assert len(runs) == 2
+    info = json.loads((runs[-1] / "run.json").read_text())
+    assert info["head"] == "dense" and info["fingerprint"]["backbone"] == "inception_v3"
+    metrics = json.loads((runs[-1] / "report" / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["n_labeled"] == 153
+    assert set(metrics["per_class"]) == {"ants", "bees"}
