@@ -157,11 +157,20 @@ def resolve_weights(config: Config) -> Config:
         build_model(backbone)
         return config
     except PipelineError as exc:
-        print("\n" + "!" * 78, file=sys.stderr)
-        print(f"WARNING: {exc}", file=sys.stderr)
-        print("WARNING: the demo goes on with RANDOM weights: its accuracy will be MEANINGLESS.", file=sys.stderr)
-        print("!" * 78 + "\n", file=sys.stderr)
-        return replace(config, backbone=replace(backbone, weights="random"))
+        warn_random_weights(str(exc))
+        return with_random_weights(config)
+
+
+def with_random_weights(config: Config) -> Config:
+    return replace(config, backbone=replace(config.backbone, weights="random"))
+
+
+def warn_random_weights(reason: str) -> None:
+    """Loud on purpose: numbers from random weights must never be mistaken for results."""
+    print("\n" + "!" * 78, file=sys.stderr)
+    print(f"WARNING: {reason}", file=sys.stderr)
+    print("WARNING: the demo goes on with RANDOM weights: its accuracy will be MEANINGLESS.", file=sys.stderr)
+    print("!" * 78 + "\n", file=sys.stderr)
 
 
 class FeatureExtractor:

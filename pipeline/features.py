@@ -31,6 +31,9 @@ def dataset_from_config(config: Config) -> Dataset:
 def open_cache(config: Config) -> FeatureCache:
     """The cache this config's extract wrote; a clear error when there is none yet."""
     fp = backbones.fingerprint(config)
+    if fp is None and config.backbone.allow_random_fallback:
+        backbones.warn_random_weights(f"no ImageNet weights for {config.backbone.name} on this machine")
+        fp = backbones.fingerprint(backbones.with_random_weights(config))
     if fp is None:
         raise CacheError(f"no ImageNet weights for {config.backbone.name} on this machine, so nothing can "
                          "have been extracted with them; fix: run `make extract` first")

@@ -44,10 +44,11 @@ class LogisticRegressionHead:
         for c in sorted(self.c_values):
             model.set_params(C=c)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
+                warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
+                warnings.simplefilter("ignore", UserWarning)  # log_loss clipping near-certain probabilities
                 model.fit(Z, y)
-            proba = _expand(model.predict_proba(Z_val), model.classes_, n_classes)
-            score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
+                proba = _expand(model.predict_proba(Z_val), model.classes_, n_classes)
+                score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
             self.history_.append({"C": c, "val_accuracy": score[0], "val_log_loss": -score[1]})
             if best is None or score > best[0]:
                 best = (score, c, model.coef_.copy(), model.intercept_.copy(), model.classes_.copy())
