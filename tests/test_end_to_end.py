@@ -57,3 +57,28 @@ def test_hymenoptera_inception_v3_random_weights_whole_pipeline(tmp_path, hymeno
     metrics = json.loads((runs[-1] / "report" / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["n_labeled"] == 153
     assert set(metrics["per_class"]) == {"ants", "bees"}
+
+
+def test_cntk_layout_scores_unlabeled_test_images_as_unknown(tmp_path):
+    from conftest import write_image
+
+    root = tmp_path / "Animals"
+    for c, name in enumerate(["sheep", "wolf"]):
+        for i in range(10):
+            write_image(root / "Train" / name / f"{i}.jpg", seed=10 * c + i, fmt="JPEG")
+        for i in range(3):
+            write_image(root / "Test" / name / f"t{i}.jpg", seed=500 + 10 * c + i, fmt="JPEG")
+    for i in range(2):
+        write_image(root / "Test" / f"mystery_{i}.png", seed=900 + i)
+    args = [f"--set=data.root='{root}'", f"--set=cache.dir='{tmp_path / 'cache'}'",
+            f"--set=run.dir='{tmp_path / 'runs'}'", "--set=backbone.name=mobilenet", "--set=backbone.alpha=0.25",
+            "--set=backbone.weights=random", "--set=data.val_percent=25"]
+    for stage in ("extract", "train", "report"):
+        assert main([stage, *args]) == 0
+    (report,) = (tmp_path / "runs" / "Animals").glob("*/report")
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n_labeled"] == 6 and metrics["n_unlabeled"] == 2
+    predictions = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+    unknown = [p for p in predictions if p["class"] == "unknown"]
+    assert sorted(p["image"] for p in unknown) == ["Test/mystery_0.png", "Test/mystery_1.png"]
+    assert all(set(p["predictions"]) == {"sheep", "wolf"} for p in unknown)
