@@ -7,7 +7,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.config import HeadConfig, load_config
+from pipeline.config import HeadConfig, LogRegConfig, load_config
 from pipeline.heads import load_head, make_head
 from pipeline.heads.logreg import LogisticRegressionHead
 
@@ -21,7 +21,7 @@ def _data(n_classes, seed=0):
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     X, y, X_val, y_val = _data(n_classes)
-    head = LogisticRegressionHead(c_values=[0.01, 1.0]).fit(X, y, X_val, y_val)
+    head = LogisticRegressionHead(LogRegConfig(c_values=[0.01, 1.0])).fit(X, y, X_val, y_val)
     assert head.C_ in (0.01, 1.0)
     assert [h["C"] for h in head.history_] == [0.01, 1.0]
     best = max(head.history_, key=lambda h: (h["val_accuracy"], -h["val_log_loss"]))
@@ -42,7 +42,7 @@ def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
 def test_logreg_class_missing_from_training_is_never_predicted():
     X, y, X_val, y_val = _data(3)
     keep = y != 2
-    head = LogisticRegressionHead(c_values=[1.0]).fit(X[keep], y[keep], X_val, y_val, n_classes=3)
+    head = LogisticRegressionHead(LogRegConfig(c_values=[1.0])).fit(X[keep], y[keep], X_val, y_val, n_classes=3)
     proba = head.predict_proba(X_val)
     assert proba.shape[1] == 3 and proba[:, 2].max() < 1e-6
 

@@ -20,11 +20,11 @@ def make_head(config: HeadConfig):
     if config.kind == "logreg":
         from .logreg import LogisticRegressionHead
 
-        return LogisticRegressionHead.from_config(config.logreg)
+        return LogisticRegressionHead(config.logreg)
     if config.kind == "dense":
         from .dense import DenseHead
 
-        return DenseHead.from_config(config.dense)
+        return DenseHead(config.dense)
     raise ConfigError(f"head.kind = {config.kind!r} is unknown; fix: use one of {', '.join(HEAD_KINDS)}")
 
 

@@ -6,7 +6,6 @@ Class weights counter imbalance; the best epoch on validation loss is kept. Save
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,46 +16,34 @@ from ..config import DenseConfig
 FILE_NAME = "head.keras"
 
 
-@dataclass
 class DenseHead:
-    hidden_units: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.5
-    learning_rate: float = 0.001
-    batch_size: int = 64
-    epochs: int = 200
-    patience: int = 10
-    class_weight: str = "balanced"
-    seed: int = 0
     kind = "dense"
 
-    @classmethod
-    def from_config(cls, config: DenseConfig) -> "DenseHead":
-        return cls(hidden_units=list(config.hidden_units), dropout=config.dropout,
-                   learning_rate=config.learning_rate, batch_size=config.batch_size, epochs=config.epochs,
-                   patience=config.patience, class_weight=config.class_weight, seed=config.seed)
+    def __init__(self, config: DenseConfig = DenseConfig()):
+        self.config = config
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
             n_classes: int | None = None) -> "DenseHead":
         import keras
 
         n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
-        keras.utils.set_random_seed(self.seed)
+        keras.utils.set_random_seed(self.config.seed)
         normalise = keras.layers.Normalization(name="standardise")
         normalise.adapt(X.astype(np.float32))
         layers = [keras.Input((X.shape[1],), name="features"), normalise]
-        for units in self.hidden_units:
-            layers += [keras.layers.Dense(units, activation="relu"), keras.layers.Dropout(self.dropout)]
+        for units in self.config.hidden_units:
+            layers += [keras.layers.Dense(units, activation="relu"), keras.layers.Dropout(self.config.dropout)]
         layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
         self.model_ = keras.Sequential(layers, name="dense_head")
-        self.model_.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
+        self.model_.compile(optimizer=keras.optimizers.Adam(self.config.learning_rate),
                             loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         weights = None
-        if self.class_weight == "balanced":
+        if self.config.class_weight == "balanced":
             present = np.unique(y)
             weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y)))
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
-        fitted = self.model_.fit(X, y, validation_data=(X_val, y_val), epochs=self.epochs,
-                                 batch_size=self.batch_size, class_weight=weights, callbacks=[stop], verbose=0)
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.config.patience, restore_best_weights=True)
+        fitted = self.model_.fit(X, y, validation_data=(X_val, y_val), epochs=self.config.epochs,
+                                 batch_size=self.config.batch_size, class_weight=weights, callbacks=[stop], verbose=0)
         self.history_ = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in fitted.history.items()})
                          for i in range(len(fitted.history["loss"]))]
         self.best_epoch_ = int(np.argmin(fitted.history["val_loss"])) + 1
@@ -64,8 +51,9 @@ class DenseHead:
 
     @property
     def params_(self) -> dict:
-        return {"hidden_units": self.hidden_units, "dropout": self.dropout, "learning_rate": self.learning_rate,
-                "best_epoch": self.best_epoch_}
+        config = self.config
+        return {"hidden_units": config.hidden_units, "dropout": config.dropout,
+                "learning_rate": config.learning_rate, "best_epoch": self.best_epoch_}
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.model_.predict(np.asarray(X, np.float32), batch_size=4096, verbose=0), np.float64)

@@ -8,7 +8,6 @@ exactly as standardisation plus one softmax layer.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -23,15 +22,11 @@ from ..config import LogRegConfig
 FILE_NAME = "head.h5"
 
 
-@dataclass
 class LogisticRegressionHead:
-    c_values: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
-    max_iter: int = 1000
     kind = "logreg"
 
-    @classmethod
-    def from_config(cls, config: LogRegConfig) -> "LogisticRegressionHead":
-        return cls(c_values=list(config.c_values), max_iter=config.max_iter)
+    def __init__(self, config: LogRegConfig = LogRegConfig()):
+        self.config = config
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
             n_classes: int | None = None) -> "LogisticRegressionHead":
@@ -39,9 +34,9 @@ class LogisticRegressionHead:
         n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
         scaler = StandardScaler().fit(X)
         Z, Z_val = scaler.transform(X), scaler.transform(X_val)
-        model = LogisticRegression(max_iter=self.max_iter, warm_start=True)
+        model = LogisticRegression(max_iter=self.config.max_iter, warm_start=True)
         best, self.history_ = None, []
-        for c in sorted(self.c_values):
+        for c in sorted(self.config.c_values):
             model.set_params(C=c)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
