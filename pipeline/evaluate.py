@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cache import FeatureCache
+from .errors import CacheError
 from .heads import load_head
 from .report import write_report
 from .runs import load_run
@@ -21,6 +22,10 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
+        gone = [s["image"] for s in chosen if s["key"] not in rows]
+        if gone:
+            raise CacheError(f"{len(gone)} image(s) of run {run.dir} are no longer in {cache.path} (e.g. {gone[0]}; "
+                             "was it rebuilt?); fix: run `make extract` then `make train` again")
         features = cache.read_features([rows[s["key"]] for s in chosen])
     probabilities = load_head(run.info["head"], run.dir).predict_proba(features)
     out_dir = run.dir / "report"
