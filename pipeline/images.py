@@ -3,6 +3,10 @@
 Extraction runs `decode_image` in a thread pool (Pillow releases the GIL while decoding),
 so it changes no Pillow setting and no warning filter per call. Any failure becomes an
 `ImageError` with a short reason, which the cache records against that one file.
+
+The final resize is our own, in exact integer arithmetic, rather than Pillow's: its
+numbers then depend on no library version and no summation order, so an exported model
+(`tf_images`) reproduces every pixel, and the cache fingerprint names them exactly.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
-RESAMPLE = Image.Resampling.BILINEAR  # the final resize: an export must resize with the same filter
 DECODE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # never EPS (runs Ghostscript) or rarer decoders
 DEFAULT_MAX_PIXELS = 178_956_970  # the size at which Pillow itself gives up; data.max_image_pixels changes it
 # names this decoding in cache fingerprints: change it whenever the pixels it produces would change
-DECODE_ID = f"pillow:exif-transpose,alpha-on-white,16bit-scaled,jpeg-draft,{RESAMPLE.name.lower()}:v1"
+DECODE_ID = "pillow:exif-transpose,alpha-on-white,16bit-scaled,jpeg-draft,integer-triangle-22bit:v2"
+RESIZE_BITS = 22  # fixed-point precision of the resize weights (as in Pillow's own resampler)
 
 # Our per-call limit replaces Pillow's process-wide one, which would otherwise refuse an image
 # before a raised data.max_image_pixels is consulted (and warn from inside the thread pool).
 Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageTooLarge(ImageError):
+    """Refused by data.max_image_pixels, a setting rather than the file: extract checks it again each run."""
 
 
 def content_hash(data: bytes) -> str:
@@ -52,14 +60,53 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
                 return _decode(image, size)
     except Exception as exc:  # Pillow signals bad input with many exception types
         raise ImageError(_reason(exc)) from None
-    raise ImageError(f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
-                     "fix: raise data.max_image_pixels if you trust this file")
+    raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
+                        "fix: raise data.max_image_pixels if you trust this file")
 
 
 def _decode(image: Image.Image, size: int) -> np.ndarray:
     image.draft("RGB", (size, size))  # JPEG only: the DCT scales down while decoding, never below size
     image = ImageOps.exif_transpose(image)
-    return np.array(_to_rgb(image).resize((size, size), RESAMPLE))  # writable, owns its memory
+    return resize(np.asarray(_to_rgb(image)), size)
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (h, w, c) to (size, size, c): horizontal pass, then vertical, each rounded to 8 bits.
+
+    The filter is Pillow's BILINEAR (a triangle, widened by the shrink factor so every
+    input pixel counts), with weights as exact integer fractions: a level or so from
+    Pillow's own resize, and bit-identical to `tf_images.resize`.
+    """
+    across = _resample_rows(np.ascontiguousarray(pixels.transpose(1, 0, 2)), size)
+    return _resample_rows(np.ascontiguousarray(across.transpose(1, 0, 2)), size)
+
+
+def resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output pixel, the input pixels it reads and their weights in RESIZE_BITS fixed point.
+
+    Distances are counted in units of 1/(2 * out_size) input pixels, so the triangle's
+    height at every tap is an integer and its normalisation an exact integer division.
+    """
+    reach = max(in_size, out_size)  # the filter's half-width: in_size / out_size input pixels when shrinking
+    taps = 2 * -(-reach // out_size) + 1
+    centre = (2 * np.arange(out_size, dtype=np.int64) + 1) * in_size
+    first = np.maximum((centre - 2 * reach + out_size) // (2 * out_size), 0)
+    index = first[:, None] + np.arange(taps)
+    height = np.maximum(2 * reach - np.abs((2 * index + 1) * out_size - centre[:, None]), 0)
+    height = np.where(index < in_size, height, 0)
+    total = height.sum(axis=1, keepdims=True)
+    weights = (height * 2 ** (RESIZE_BITS + 1) + total) // (2 * total)  # rounded half up
+    return np.minimum(index, in_size - 1), weights
+
+
+def _resample_rows(pixels: np.ndarray, out_size: int) -> np.ndarray:
+    """One pass along the first axis; int32 cannot overflow (255 * 2**22 plus rounding < 2**31)."""
+    index, weights = resize_weights(pixels.shape[0], out_size)
+    weights = weights.astype(np.int32)
+    total = np.full((out_size, *pixels.shape[1:]), 1 << (RESIZE_BITS - 1), np.int32)
+    for tap in range(index.shape[1]):
+        total += pixels[index[:, tap]] * weights[:, tap, None, None]
+    return np.clip(total >> RESIZE_BITS, 0, 255).astype(np.uint8)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter, JpegImagePlugin
 
 from pipeline.errors import ImageError
-from pipeline.images import DEFAULT_MAX_PIXELS, RESAMPLE, content_hash, decode_image, read_and_decode
+from pipeline.images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_and_decode, resize
 
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
 
@@ -98,11 +98,19 @@ def test_transparent_pixels_become_white_without_bleeding():
     assert (decoded[:, 8:] == WHITE).all()
 
 
-def test_resize_is_plain_bilinear_to_a_square():
-    image = noise(40, 10)
-    expected = np.asarray(image.resize((24, 24), Image.Resampling.BILINEAR))
-    assert RESAMPLE == Image.Resampling.BILINEAR
-    np.testing.assert_array_equal(decode_image(encode(image, "PNG"), 24), expected)
+@pytest.mark.parametrize("width, height", [(40, 10), (10, 40), (500, 375), (333, 1000), (24, 24), (7, 3)])
+def test_resize_is_pillows_bilinear_in_exact_integers(width, height):
+    """Pillow's triangle filter, widened when shrinking; our integer weights stay within one level of Pillow's."""
+    image = noise(width, height, seed=width)
+    decoded = decode_image(encode(image, "PNG"), 24)
+    np.testing.assert_array_equal(decoded, resize(np.asarray(image), 24))
+    pillow = np.asarray(image.resize((24, 24), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(decoded - pillow).max() <= 1
+
+
+def test_resize_to_the_same_size_changes_nothing():
+    pixels = np.asarray(noise(24, 24))
+    np.testing.assert_array_equal(resize(pixels, 24), pixels)
 
 
 @pytest.mark.parametrize("orientation, transpose", [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
@@ -152,7 +160,7 @@ def test_large_jpegs_are_scaled_while_decoding(monkeypatch):
     data = encode(photo, "JPEG", quality=95)
     decoded = decode_image(data, 100)
     assert draft_sizes == [(225, 125)]  # 8x smaller, still at least 100 on both sides
-    full = np.asarray(photo.resize((100, 100), RESAMPLE)).astype(int)
+    full = np.asarray(photo.resize((100, 100), Image.Resampling.BILINEAR)).astype(int)
     assert np.abs(decoded - full).mean() < 4
 
 

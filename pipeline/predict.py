@@ -1,0 +1,258 @@
+"""The predict stage: score new images with a trained run, as the report would have scored them.
+
+An image whose content is already in the run's cache (the same backbone fingerprint) is
+scored from its cached row and never reaches the backbone; only new content is decoded
+and run through it, in batches, with the same decoding as extract. The cache is only
+read: predicting never competes with an extract for its lock. One bad image becomes one
+line with its reason and never stops the others.
+
+Output is one JSON object per image as in the CNTK tutorial, `{"image", "class",
+"predictions"}`, where `class` is the predicted label, or "unknown" when its probability
+is below the optional threshold (the report's `threshold_curve` shows what each threshold
+costs in coverage and buys in accuracy on held-out data).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backbones, images
+from .cache import FeatureCache
+from .config import BackboneConfig
+from .dataset import IMAGE_EXTENSIONS
+from .errors import ConfigError, DatasetError, ImageError, PipelineError
+from .extract import _prefetch
+from .heads import load_head
+from .report import UNKNOWN
+from .runs import Run, load_run
+
+_TABLE_ROWS = 50  # the terminal table stops here; the JSON lines hold every image
+
+
+@dataclass
+class Prediction:
+    image: str
+    probabilities: np.ndarray | None = None  # one per label, in the run's label order
+    label: str | None = None  # the predicted label, or "unknown" below the threshold
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class PredictResult:
+    run_dir: Path
+    labels: list[str]
+    predictions: list[Prediction]
+    out_path: Path
+    threshold: float | None
+    seconds: float
+
+    def describe(self, top: int = 3) -> str:
+        scored = [p for p in self.predictions if p.error is None]
+        cached = sum(p.cached for p in scored)
+        failed = len(self.predictions) - len(scored)
+        lines = [format_table(self.predictions, self.labels, top, self.threshold), "",
+                 f"predict: {len(self.predictions)} images: {cached} from the cache, {len(scored) - cached} through "
+                 f"the backbone, {failed} failed ({self.seconds:.1f} s)"]
+        if self.threshold is not None:
+            unknown = sum(p.label == UNKNOWN for p in scored)
+            lines.append(f"threshold {self.threshold}: {unknown} image(s) below it are {UNKNOWN!r}"
+                         + held_out_effect(self.run_dir, self.threshold))
+        lines.append(f"predictions: {self.out_path}")
+        return "\n".join(lines)
+
+
+def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None = None, out_path: Path | None = None,
+                progress: bool = True, make_extractor: Callable = backbones.FeatureExtractor) -> PredictResult:
+    started = time.perf_counter()
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
+    run = load_run(run_dir)
+    backbone = run_backbone(run)
+    paths = find_images(inputs)
+    predictions = [Prediction(str(path)) for path in paths]
+    features = _features(run, backbone, paths, predictions, progress, make_extractor)
+    scored = [p for p in predictions if p.error is None]
+    if scored:
+        probabilities = load_head(run.info["head"], run.dir).predict_proba(features)
+        for prediction, row in zip(scored, probabilities):
+            best = int(row.argmax())
+            below = threshold is not None and row[best] < threshold
+            prediction.probabilities, prediction.label = row, UNKNOWN if below else run.labels[best]
+    out_path = Path(out_path) if out_path else run.dir / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    write_predictions(out_path, predictions, run.labels)
+    return PredictResult(run.dir, run.labels, predictions, out_path, threshold, time.perf_counter() - started)
+
+
+def run_backbone(run: Run) -> BackboneConfig:
+    """The backbone that made a run's features, refused if its weights or decoding changed since training."""
+    trained = run.info["fingerprint"]
+    config = run.config
+    if trained["weights"].startswith("random:"):  # the offline demo fell back to random weights
+        config = backbones.with_random_weights(config)
+    now = backbones.fingerprint(config)
+    if now is None:
+        target = backbones.keras_weights_path(backbones.get_spec(config.backbone.name), config.backbone.alpha)
+        raise PipelineError(f"run {run.dir} needs ImageNet weights that are not on this machine; fix: connect to "
+                            f"the internet once, or put {target.name} in {target.parent}")
+    if now != trained:
+        changed = sorted(key for key in trained if now.get(key) != trained[key])
+        raise PipelineError(f"run {run.dir} was trained on features this machine can no longer compute "
+                            f"({', '.join(changed)} changed since, e.g. weights {trained['weights']!r}); fix: run "
+                            "`make extract` and `make train` again, or restore the weights file it used")
+    return config.backbone
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    """Files as given, image files below folders, and glob patterns (`**` included), in a stable order."""
+    found: list[Path] = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p.relative_to(path)))
+        elif glob.has_magic(spec):
+            found += sorted(p for p in map(Path, glob.glob(spec, recursive=True)) if p.is_file() and _is_image_name(p))
+        else:
+            raise DatasetError(f"{spec}: no such file or folder; fix: pass an image file, a folder or a glob pattern")
+    if not found:
+        raise DatasetError(f"no images found in {', '.join(inputs)}; fix: pass image files (extensions: "
+                           f"{', '.join(sorted(IMAGE_EXTENSIONS))}) or a folder holding them")
+    return list(dict.fromkeys(found))
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in path.parts)
+
+
+@dataclass
+class _Loaded:
+    key: str | None = None
+    pixels: np.ndarray | None = None  # only for content the cache does not hold
+    error: str | None = None
+
+
+def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions: list[Prediction], progress: bool,
+              make_extractor: Callable) -> np.ndarray:
+    """One feature row per image that could be scored (errors are set on the others), in input order."""
+    rows, failures, cache = {}, {}, None
+    if Path(run.info["cache"]).is_file():
+        cache = FeatureCache(run.info["cache"], run.info["fingerprint"])
+        rows, failures = cache.row_index(), cache.failures()
+    size = backbones.get_spec(backbone.name).input_size
+    max_pixels = run.config.data.max_image_pixels
+
+    def load(path: Path) -> _Loaded:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return _Loaded(error=f"cannot read the file ({exc.strerror or exc})")
+        key = images.content_hash(data)
+        if key in rows:
+            return _Loaded(key)
+        if key in failures:
+            return _Loaded(key, error=failures[key][1])
+        try:
+            return _Loaded(key, images.decode_image(data, size, max_pixels=max_pixels))
+        except ImageError as exc:
+            return _Loaded(key, error=str(exc))
+
+    fresh: dict[str, np.ndarray] = {}  # content hash -> feature row, computed here
+    batch: dict[str, np.ndarray] = {}  # content hash -> pixels waiting for the backbone
+    extractor = None
+    stored = np.dtype(run.info["fingerprint"]["feature_dtype"])
+
+    def flush():
+        nonlocal extractor
+        if batch:
+            extractor = extractor or make_extractor(backbone)
+            computed = extractor(np.stack(list(batch.values())))
+            # rounded as the cache stores them, so an image scores the same whether or not it was cached
+            fresh.update(zip(batch, computed.astype(stored).astype(np.float32)))
+            batch.clear()
+
+    keys: list[str] = []
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode") as pool:
+            for prediction, item in zip(predictions, _prefetch(pool, load, paths, depth=4 * backbone.batch_size)):
+                bar.update()
+                if item.error is not None:
+                    prediction.error = item.error
+                    continue
+                keys.append(item.key)
+                prediction.cached = item.key in rows
+                if item.pixels is not None and item.key not in fresh:
+                    batch[item.key] = item.pixels
+                    if len(batch) >= backbone.batch_size:
+                        flush()
+            flush()
+        cached_keys = sorted({key for key in keys if key in rows and key not in fresh})
+        from_cache = dict(zip(cached_keys, cache.read_features([rows[k] for k in cached_keys]))) if cached_keys else {}
+    finally:
+        bar.close()
+        if cache is not None:
+            cache.close()
+    if not keys:
+        return np.zeros((0, 0), np.float32)
+    return np.stack([fresh[k] if k in fresh else from_cache[k] for k in keys])
+
+
+def write_predictions(path: Path, predictions: list[Prediction], labels: list[str]) -> None:
+    """JSON lines, CNTK style, probabilities highest first; an image that failed gets its reason instead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for p in predictions:
+            if p.error is not None:
+                line = {"image": p.image, "error": p.error}
+            else:
+                order = np.argsort(-p.probabilities, kind="stable")
+                line = {"image": p.image, "class": p.label,
+                        "predictions": {labels[i]: round(float(p.probabilities[i]), 6) for i in order}}
+            out.write(json.dumps(line) + "\n")
+
+
+def format_table(predictions: list[Prediction], labels: list[str], top: int, threshold: float | None) -> str:
+    """Image, predicted class, then the top-k labels with their probabilities; failures with their reason."""
+    shown = predictions[:_TABLE_ROWS]
+    width = min(max((len(p.image) for p in shown), default=5), 48)
+    lines = [f"{'image':<{width}}  {'class':<14}  top {top}"]
+    for p in shown:
+        name = p.image if len(p.image) <= width else "…" + p.image[-(width - 1):]
+        if p.error is not None:
+            lines.append(f"{name:<{width}}  error: {p.error}")
+            continue
+        order = np.argsort(-p.probabilities, kind="stable")[:top]
+        ranked = "  ".join(f"{labels[i]} {p.probabilities[i]:.3f}" for i in order)
+        lines.append(f"{name:<{width}}  {p.label:<14}  {ranked}")
+    if len(predictions) > _TABLE_ROWS:
+        lines.append(f"... and {len(predictions) - _TABLE_ROWS} more (every image is in the JSON lines)")
+    return "\n".join(lines)
+
+
+def held_out_effect(run_dir: Path, threshold: float) -> str:
+    """What the report measured at this threshold on held-out data, when the report has that point."""
+    metrics_path = run_dir / "report" / "metrics.json"
+    if not metrics_path.is_file():
+        return "; run `make report` to see what thresholds cost on held-out data"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    points = [p for p in metrics.get("threshold_curve", []) if p["threshold"] <= threshold]
+    if not points:
+        return ""
+    point = max(points, key=lambda p: p["threshold"])
+    accuracy = "n/a" if point["accuracy"] is None else f"{point['accuracy']:.3f}"
+    return (f" (on the report's {metrics['split']} split, threshold {point['threshold']} kept {point['coverage']:.0%} "
+            f"of images at accuracy {accuracy}; see threshold_curve in {metrics_path})")
