@@ -2,6 +2,12 @@
 #   make demo                                 extract + train + report on the embedded digits
 #   make extract CONFIG=configs/flowers5.toml  (also train, report)
 #   make train SET="head.kind=dense head.dense.dropout=0.3"
+#   make predict RUN=runs/flowers5/<run> INPUT=new_photos/ [THRESHOLD=0.6]   (RUN defaults to the newest run)
+#   make export RUN=runs/flowers5/<run>       .keras + SavedModel + TFLite in <run>/export, checked against the report
+#   make sweep [VARY='head.dense.dropout=[0.2, 0.5]']   several heads on one cache, then the comparison table
+#   make compare                              this dataset's runs side by side (terminal + runs/<dataset>/compare.html)
+#   make baseline [EPOCHS=100 IMAGE_SIZE=96]  a small CNN from scratch on the raw images, for comparison
+#   make bench [IMAGES=dir]                   extraction speed, memory and bf16 agreement (runs/bench.json)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +15,7 @@ CONFIG ?= configs/default.toml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-.PHONY: demo extract train report test clean
+.PHONY: demo extract train report predict export compare sweep baseline bench test clean
 
 demo: extract train report
 
@@ -21,6 +27,25 @@ train: $(VENV)/.installed
 
 report: $(VENV)/.installed
 	$(PY) -m pipeline report $(ARGS) $(if $(RUN),--run $(RUN))
+
+predict: $(VENV)/.installed
+	$(if $(INPUT),,$(error INPUT is missing: make predict INPUT=<image file, folder or glob> [RUN=<run dir>]))
+	$(PY) -m pipeline predict $(ARGS) $(if $(RUN),--run $(RUN)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(INPUT)
+
+export: $(VENV)/.installed
+	$(PY) -m pipeline export $(ARGS) $(if $(RUN),--run $(RUN))
+
+compare: $(VENV)/.installed
+	$(PY) -m pipeline compare $(ARGS)
+
+sweep: $(VENV)/.installed
+	$(PY) -m pipeline sweep $(ARGS) $(if $(VARY),--vary '$(VARY)')
+
+baseline: $(VENV)/.installed
+	$(PY) -m pipeline baseline $(ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
+
+bench: $(VENV)/.installed
+	$(PY) -m pipeline bench $(ARGS) $(if $(IMAGES),--images $(IMAGES))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

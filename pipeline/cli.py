@@ -1,6 +1,10 @@
 """`python -m pipeline <stage>`: a thin layer over the stages, which hold all the logic.
 
 A user's mistake (a PipelineError) prints one line and exits 2; a bug keeps its traceback.
+Exit status: 0 completed (images that could not be used are listed, and the last line says
+how many were skipped, so `make extract train report` goes on past a few bad photos);
+2 failed; 3 only with `extract --strict`, when anything was skipped or warned about;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import PipelineError
+
+EXIT_SKIPPED = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,9 +29,51 @@ def _parser() -> argparse.ArgumentParser:
     extract = stages.add_parser("extract", parents=[common], help="run new images through the backbone into the cache")
     extract.add_argument("--rebuild", action="store_true", help="delete this cache file and extract everything again")
     extract.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    extract.add_argument("--strict", action="store_true", help=f"exit with status {EXIT_SKIPPED} when any image was "
+                         "skipped or any warning given (default: 0, with the skipped images listed)")
     stages.add_parser("train", parents=[common], help="train a head on the cached features")
     report = stages.add_parser("report", parents=[common], help="evaluate a trained run and write its report")
     report.add_argument("--run", type=Path, help="run directory (default: the newest run of this config)")
+    stages.add_parser("compare", parents=[common], help="one table over this dataset's runs (terminal and HTML)")
+    sweep = stages.add_parser("sweep", parents=[common], help="train and report several heads on one cache, "
+                              "then compare")
+    sweep.add_argument("--vary", action="append", default=[], metavar="KEY=[V1, V2]",
+                       help="a head.* key and a TOML array of values to try, e.g. --vary 'head.dense.dropout=[0.2, "
+                            "0.5]' (repeatable: every combination is trained; default: a built-in grid)")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    baseline = stages.add_parser("baseline", parents=[common], help="train a small CNN from scratch on the raw "
+                                 "images (no transfer), report it and add it to the comparison")
+    baseline.add_argument("--epochs", type=int, help="at most this many epochs (default 100; early stopping on "
+                          "validation loss usually ends sooner)")
+    baseline.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping "
+                          "(default 10)")
+    baseline.add_argument("--image-size", type=int, help="pixels per side the images are resized to (default 96)")
+    baseline.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    bench = stages.add_parser("bench", parents=[common], help="measure extraction speed (naive, ceiling, pipeline), "
+                              "memory and bf16 agreement; see README")
+    bench.add_argument("--images", type=Path, help="folder of photos to extract (default: ../shared/datasets/flowers5)")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON results (default: %(default)s)")
+    bench.add_argument("--memory-sizes", nargs=2, type=int, default=[500, 5000], metavar="N",
+                       help="the two image counts of the peak-memory check (default: 500 5000)")
+    predict = stages.add_parser("predict", parents=[common], help="score new images with a trained run: JSON lines "
+                                "and a top-k table")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern (repeatable)")
+    predict.add_argument("--run", type=Path, help="run directory (default: the newest run of this config)")
+    predict.add_argument("--top", type=int, default=3, help="labels per image in the table (default: %(default)s)")
+    predict.add_argument("--threshold", type=float, help="below this top probability the class is 'unknown'; pick "
+                         "it from threshold_curve in the run's report/metrics.json")
+    predict.add_argument("--out", type=Path, help="JSON lines file (default: <run>/predictions/<time>.jsonl)")
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    export = stages.add_parser("export", parents=[common], help="write one self-contained model (.keras, SavedModel, "
+                               "TFLite) and check it against the report")
+    export.add_argument("--run", type=Path, help="run directory (default: the newest run of this config)")
+    export.add_argument("--out", type=Path, help="output folder (default: <run>/export)")
+    export.add_argument("--no-tflite", action="store_true", help="skip the TFLite file")
+    classify = stages.add_parser("classify", parents=[common], help="the backbone's own ImageNet top-k for images")
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image file(s)")
+    classify.add_argument("--top", type=int, default=5, help="classes per image (default: %(default)s)")
+    classify.add_argument("--imagenet-labels", type=Path, metavar="DIR", help="folder holding the ImageNet label maps "
+                          "(default: Keras' class index if downloaded, else ../shared/imagenet, else ./imagenet)")
     return parser
 
 
@@ -36,19 +84,61 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "extract":
             from .extract import run_extract
 
-            print(run_extract(config, rebuild=args.rebuild, progress=not args.no_progress).describe())
+            summary = run_extract(config, rebuild=args.rebuild, progress=not args.no_progress)
+            _print_result(summary)
+            if args.strict and (summary.failed or summary.warnings):
+                return EXIT_SKIPPED
         elif args.stage == "train":
             from .train import run_train
 
-            print(run_train(config).describe())
+            _print_result(run_train(config))
         elif args.stage == "report":
             from .evaluate import run_report
-            from .report import format_summary
             from .runs import latest_run
 
-            out_dir, metrics = run_report(args.run or latest_run(config))
-            print(format_summary(metrics))
-            print(f"report: {out_dir}")
+            _print_report(*run_report(args.run or latest_run(config)))
+        elif args.stage == "baseline":
+            from .baseline import BaselineSettings, run_baseline
+            from .evaluate import run_report
+
+            chosen = {"epochs": args.epochs, "patience": args.patience, "image_size": args.image_size}
+            settings = BaselineSettings(**{key: value for key, value in chosen.items() if value is not None})
+            result = run_baseline(config, settings, progress=not args.no_progress)
+            _print_result(result)
+            _print_report(*run_report(result.run_dir))
+        elif args.stage in ("sweep", "compare"):
+            from .compare import format_table, run_compare, run_sweep
+
+            if args.stage == "sweep":
+                run_sweep(args.config, args.overrides, args.vary, progress=not args.no_progress)
+            rows, html_path = run_compare(config)
+            print(format_table(rows))
+            print(f"compare: {html_path}")
+        elif args.stage == "bench":
+            from .bench import BenchOptions, format_table, run_bench, write_json
+
+            options = BenchOptions(images=args.images or BenchOptions.images, memory_sizes=tuple(args.memory_sizes))
+            result = run_bench(config, options)
+            write_json(result, args.out)
+            print(format_table(result))
+            print(f"bench: {args.out}")
+        elif args.stage == "predict":
+            from .predict import run_predict
+            from .runs import latest_run
+
+            result = run_predict(args.run or latest_run(config), args.inputs, threshold=args.threshold,
+                                 out_path=args.out, progress=not args.no_progress)
+            print(result.describe(top=args.top))
+        elif args.stage == "export":
+            from .export import run_export
+            from .runs import latest_run
+
+            print(run_export(args.run or latest_run(config), args.out, tflite=not args.no_tflite).describe())
+        elif args.stage == "classify":
+            from .classify import format_classifications, run_classify
+
+            print(format_classifications(*run_classify(config, args.images, top=args.top,
+                                                       label_dir=args.imagenet_labels)))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,3 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: committed batches are kept; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_result(result) -> None:
+    """The stage's summary on stdout, its warnings (one line each) on stderr."""
+    print(result.describe())
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _print_report(out_dir: Path, metrics: dict) -> None:
+    from .report import format_summary
+
+    print(format_summary(metrics))
+    print(f"report: {out_dir / 'report.html'} (and metrics.json, predictions.jsonl beside it)")

@@ -41,6 +41,8 @@ class Dataset:
     entries: list[ImageEntry]  # sorted by relpath
     classes: list[str]  # sorted distinct labels
     ignored: list[str] = field(default_factory=list)  # relpaths of non-image files that were skipped
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why): image names that cannot be read
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. a class folder without images
 
     @property
     def name(self) -> str:
@@ -163,13 +165,16 @@ def _split_class(label: str, keys: list[str], carve: Mapping[str, float], *, in_
 
 
 class _Scan:
-    """Walks one dataset folder: skips junk, ignored folders and symlink loops, notes non-images."""
+    """Walks one dataset folder: skips junk, ignored folders and symlink loops, notes non-images,
+    and notes image names that cannot be read (broken links, loops, FIFOs, names that are not UTF-8)."""
 
     def __init__(self, root: Path, ignore: Iterable[Path]):
         self.root = root
         self.root_identity = _identity(root)
         self.ignore = {Path(folder).resolve() for folder in ignore}
         self.ignored: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
 
     def relpath(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -187,8 +192,11 @@ class _Scan:
             if child.name.startswith(".") or child.name.casefold() in _JUNK:
                 continue
             path = Path(child.path)
-            kind = _kind(child)
-            if kind == "folder":
+            kind, problem = _kind(child)
+            if not _is_utf8(child.name):  # the cache, JSON and terminals all need text
+                if kind == "folder" or path.suffix.lower() in IMAGE_EXTENSIONS:
+                    self.skipped.append((self.relpath(path), "the name is not valid UTF-8; fix: rename it"))
+            elif kind == "folder":
                 if path.resolve() not in self.ignore:
                     folders.append(path)
             elif kind == "file":
@@ -196,6 +204,8 @@ class _Scan:
                     images.append(path)
                 else:
                     self.ignored.append(self.relpath(path))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                self.skipped.append((self.relpath(path), problem))
         return folders, images
 
     def images_below(self, folder: Path, ancestors: frozenset | None = None) -> Iterator[Path]:
@@ -210,16 +220,38 @@ class _Scan:
             yield from self.images_below(sub, ancestors | {identity})
 
     def dataset(self, layout: str, entries: list[ImageEntry]) -> Dataset:
-        return _make_dataset(self.root, layout, entries, sorted(self.ignored), source=f"data.root folder {self.root}",
-                             fix="point data.root at the folder holding your class or split folders")
+        dataset = _make_dataset(self.root, layout, entries, sorted(self.ignored),
+                                source=f"data.root folder {self.root}",
+                                fix="point data.root at the folder holding your class or split folders")
+        dataset.skipped, dataset.warnings = sorted(self.skipped), self.warnings
+        return dataset
 
 
-def _kind(child: os.DirEntry) -> str | None:
-    """What a folder entry is once symlinks are followed: "folder", "file", or None (e.g. a broken link)."""
+def _kind(child: os.DirEntry) -> tuple[str | None, str]:
+    """What a folder entry is once symlinks are followed: "folder", "file", or None and why not."""
     try:
-        return "folder" if child.is_dir() else "file" if child.is_file() else None
-    except OSError:  # e.g. a symlink pointing at itself
-        return None
+        if child.is_dir():
+            return "folder", ""
+        if child.is_file():
+            return "file", ""
+        os.stat(child.path)  # raises for a broken link or a link loop
+        return None, "not a regular file (a pipe, socket or device); fix: move it out of data.root"
+    except OSError as exc:
+        return None, f"cannot read the file ({exc.strerror}); fix: repair or remove the link"
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as lone surrogates
+        return False
+
+
+def shown(relpath: str) -> str:
+    """A path as one printable line: undecodable bytes and control characters escaped."""
+    text = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
 
 
 def _identity(folder: Path) -> tuple[int, int]:
@@ -228,8 +260,14 @@ def _identity(folder: Path) -> tuple[int, int]:
 
 
 def _class_entries(scan: _Scan, folders: list[Path], split: str | None) -> list[ImageEntry]:
-    return [ImageEntry(path, scan.relpath(path), folder.name, split)
-            for folder in folders for path in scan.images_below(folder)]
+    entries = []
+    for folder in folders:
+        found = [ImageEntry(path, scan.relpath(path), folder.name, split) for path in scan.images_below(folder)]
+        if not found:
+            scan.warnings.append(f"class folder {scan.relpath(folder)}/ holds no images and is left out; "
+                                 "fix: add images to it or remove it")
+        entries += found
+    return entries
 
 
 def _split_folder_entries(scan: _Scan, folders: list[Path], loose: list[Path]) -> list[ImageEntry]:

@@ -1,25 +1,61 @@
 """The report stage: score a trained run's held-out images from the cache and report.
 
 It uses the run's own sample list and fingerprint, so the report describes exactly the
-model that was trained, even if the dataset folder changed since.
+model that was trained, even if the dataset folder changed since. The dataset folder is
+only read for the HTML report's thumbnails (and by the from-scratch baseline, which has
+no cached features).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from .baseline import FROM_SCRATCH
 from .cache import FeatureCache
-from .errors import CacheError
+from .config import Config
+from .dataset import Dataset
+from .errors import CacheError, PipelineError
+from .features import dataset_from_config
 from .heads import load_head
+from .html_report import conflict_groups, write_html_report
 from .report import write_report
-from .runs import load_run
+from .runs import Run, load_run
 
 
 def run_report(run_dir: Path) -> tuple[Path, dict]:
+    started = time.perf_counter()
     run = load_run(run_dir)
     has_test = any(s["split"] == "test" and s["label"] is not None for s in run.samples)
     split = "test" if has_test else "val"
     chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
+    dataset = _dataset(run.config)
+    image_root = dataset.root if dataset else None
+    if run.info["head"] == FROM_SCRATCH:
+        from .baseline import predict_samples
+
+        probabilities = predict_samples(run, chosen, image_root)
+        timings = {"train": run.info.get("train_seconds")}
+        conflicts = run.info.get("label_conflict_files", [])
+    else:
+        probabilities, extract_timing, file_keys = _score_cached(run, chosen)
+        timings = {"extract": (extract_timing or {}).get("seconds"), "train": run.info.get("train_seconds")}
+        conflicts = conflict_groups(dataset.entries, file_keys) if dataset else []
+    timings["report"] = time.perf_counter() - started
+    out_dir = run.dir / "report"
+    context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
+    context["seconds"] = timings
+    images, true_labels = [s["image"] for s in chosen], [s["label"] for s in chosen]
+    metrics = write_report(out_dir, labels=run.labels, images=images, true_labels=true_labels,
+                           probabilities=probabilities, split=split, context=context)
+    write_html_report(out_dir / "report.html", run=run, metrics=metrics, images=images, true_labels=true_labels,
+                      probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts)
+    return out_dir, metrics
+
+
+def _score_cached(run: Run, chosen: list[dict]):
+    """The head's probabilities on the chosen images' cached features, what extracting them cost, and
+    every cached file's content hash (to find images filed under two labels)."""
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
         gone = [s["image"] for s in chosen if s["key"] not in rows]
@@ -27,10 +63,14 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
             raise CacheError(f"{len(gone)} image(s) of run {run.dir} are no longer in {cache.path} (e.g. {gone[0]}; "
                              "was it rebuilt?); fix: run `make extract` then `make train` again")
         features = cache.read_features([rows[s["key"]] for s in chosen])
-    probabilities = load_head(run.info["head"], run.dir).predict_proba(features)
-    out_dir = run.dir / "report"
-    context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
-    metrics = write_report(out_dir, labels=run.labels, images=[s["image"] for s in chosen],
-                           true_labels=[s["label"] for s in chosen], probabilities=probabilities,
-                           split=split, context=context)
-    return out_dir, metrics
+        extract_timing = cache.extract_timing()
+        file_keys = {path: record.key for path, record in cache.file_index().items()}
+    return load_head(run.info["head"], run.dir).predict_proba(features), extract_timing, file_keys
+
+
+def _dataset(config: Config) -> Dataset | None:
+    """The run's dataset as it is now, for thumbnails; None if it is gone (the report goes on without)."""
+    try:
+        return dataset_from_config(config)
+    except PipelineError:
+        return None

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -25,9 +25,9 @@ from tqdm import tqdm
 from . import backbones, images
 from .cache import CacheWriter, FileRecord, cache_path
 from .config import Config
-from .dataset import ImageEntry
-from .errors import ImageError
-from .features import dataset_from_config
+from .dataset import ImageEntry, assign_splits, shown
+from .errors import ConfigError, DatasetError, ImageError
+from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
 
@@ -41,16 +41,18 @@ class ExtractSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason), all current failures
     seconds: float = 0.0
     backbone_batches: int = 0
+    warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
 
     def describe(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
                  f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
         if self.failed:
-            lines.append(f"{len(self.failed)} image(s) could not be decoded and are left out:")
-            lines += [f"  {path}: {reason}" for path, reason in self.failed[:20]]
+            lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
+            lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
             if len(self.failed) > 20:
                 lines.append(f"  ... and {len(self.failed) - 20} more (all recorded in the cache under /failures)")
+        lines.append(f"extract: completed, {len(self.failed)} skipped" if self.failed else "extract: completed")
         return "\n".join(lines)
 
 
@@ -65,6 +67,10 @@ class _Loaded:
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
     started = time.perf_counter()
+    for key, value, least in (("backbone.batch_size", config.backbone.batch_size, 1),
+                              ("extract.workers", config.extract.workers, 0)):
+        if value < least:
+            raise ConfigError(f"{key} = {value} is below {least}; fix: set it to {least} or more")
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)
@@ -74,7 +80,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
         fp = backbones.fingerprint(config)
     path = cache_path(config.cache.dir, config.dataset_name, fp)
     with CacheWriter(path, fp, dtype=config.cache.dtype, rebuild=rebuild) as cache:
-        summary = ExtractSummary(path, total=len(dataset.entries))
+        summary = ExtractSummary(path, total=len(dataset.entries) + len(dataset.skipped))
         index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
         known = set(rows) | set(failures)
         stale = [(entry, stat) for entry in dataset.entries
@@ -96,6 +102,8 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
         pending_failures: list[tuple[str, str, str]] = []
 
         def commit():
+            if not (batch or pending_files or pending_failures):
+                return
             keys, feature_rows = [], np.zeros((0, 0), np.float32)
             fresh = {}
             for item in batch:  # the same new content twice in one batch is computed once
@@ -118,7 +126,8 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 if item.error is not None:
                     if item.record.key not in known:
                         pending_failures.append((item.record.key, item.entry.relpath, item.error))
-                    pending_files.append((item.entry.relpath, item.record))
+                    if index.get(item.entry.relpath) != item.record:  # re-checked failures stay one entry
+                        pending_files.append((item.entry.relpath, item.record))
                 elif item.image is None or item.record.key in known:
                     summary.reused += 1
                     pending_files.append((item.entry.relpath, item.record))
@@ -129,11 +138,16 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 bar.update()
             commit()
         bar.close()
-        failures = cache.failures()
-        index = cache.file_index()
-        summary.failed = sorted((entry.relpath, failures[index[entry.relpath].key][1])
-                                for entry in dataset.entries
-                                if entry.relpath in index and index[entry.relpath].key in failures)
+        if summary.extracted:
+            cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
+        cached = match_cached(dataset, cache)
+    summary.failed = sorted([*cached.failed.items(), *dataset.skipped])
+    entries, conflicts = trainable(dataset, cached)
+    summary.warnings = dataset.warnings + conflicts
+    try:  # a class too small to split fails train: say so now, not after the next extract
+        assign_splits(entries, cached.keys, val_percent=config.data.val_percent, test_percent=config.data.test_percent)
+    except DatasetError as exc:
+        summary.warnings.append(f"train will refuse this dataset: {exc}")
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -146,8 +160,16 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 def _is_current(record: FileRecord | None, stat: os.stat_result, known: set[str]) -> bool:
-    return (record is not None and record.key in known
-            and (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns))
+    return (record is not None and record.key in known and not record.key.startswith(_RECHECK)
+            and record.matches(stat))
+
+
+_RECHECK = "!"  # starts the key of a failure that depends on the machine or the config, not the bytes
+
+
+def _recheck_key(*reason) -> str:
+    """Such a failure is recorded (train leaves the file out) but tried again on every run."""
+    return _RECHECK + hashlib.sha256(":".join(map(str, reason)).encode()).hexdigest()[:63]
 
 
 def _loader(size: int, max_pixels: int, known: set[str]):
@@ -155,18 +177,21 @@ def _loader(size: int, max_pixels: int, known: set[str]):
 
     def load(job: tuple[ImageEntry, os.stat_result | None]) -> _Loaded:
         entry, stat = job
-        size_bytes, mtime_ns = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+        size_bytes, mtime_ns, ctime_ns = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) if stat else (-1, -1, -1)
         try:
             data = entry.path.read_bytes()
-        except OSError as exc:
-            marker = hashlib.sha256(f"unreadable:{entry.relpath}".encode()).hexdigest()
+        except OSError as exc:  # e.g. permissions, which can be fixed without touching the file
             reason = f"cannot read the file ({exc.strerror or exc})"
-            return _Loaded(entry, FileRecord(size_bytes, mtime_ns, marker), error=reason)
-        record = FileRecord(size_bytes, mtime_ns, images.content_hash(data))
+            marker = _recheck_key("unreadable", entry.relpath)
+            return _Loaded(entry, FileRecord(size_bytes, mtime_ns, marker, ctime_ns), error=reason)
+        record = FileRecord(size_bytes, mtime_ns, images.content_hash(data), ctime_ns)
         if record.key in known:
             return _Loaded(entry, record)
         try:
             return _Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+        except images.ImageTooLarge as exc:  # decodes once data.max_image_pixels is raised
+            return _Loaded(entry, replace(record, key=_recheck_key("too large", record.key, max_pixels)),
+                           error=str(exc))
         except ImageError as exc:
             return _Loaded(entry, record, error=str(exc))
 

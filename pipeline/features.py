@@ -1,19 +1,21 @@
 """Joins a dataset with its cache: which images are cached, under which content hash.
 
 Every stage after extract goes through here, and none of it needs the backbone: a file is
-matched to its cached row by path, size and mtime, so nothing is re-hashed or re-decoded.
+matched to its cached row by path, size, mtime and ctime, so nothing is re-hashed or re-decoded.
 """
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from . import backbones, demo
 from .cache import FeatureCache, cache_path
 from .config import Config
-from .dataset import Dataset, discover
+from .dataset import Dataset, ImageEntry, discover, shown
 from .errors import CacheError, DatasetError
 
 
@@ -53,8 +55,7 @@ def match_cached(dataset: Dataset, cache: FeatureCache) -> CachedImages:
     for entry in dataset.entries:
         record = index.get(entry.relpath)
         try:
-            stat = os.stat(entry.path)
-            current = record is not None and (record.size, record.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+            current = record is not None and record.matches(os.stat(entry.path))
         except OSError:
             current = False
         if current and record.key in rows:
@@ -72,3 +73,29 @@ def require_complete(cached: CachedImages) -> None:
         example = cached.missing[0]
         raise DatasetError(f"{len(cached.missing)} image(s) are new or changed since the last extract "
                            f"(e.g. {example}); fix: run `make extract` with the same config first")
+
+
+def label_conflicts(entries: Iterable[ImageEntry], keys: Mapping[str, str]) -> dict[str, list[ImageEntry]]:
+    """Content hash -> its copies, for identical images filed under more than one label.
+
+    No head can learn both labels for one image, and a split by content hash keeps the copies
+    together, so they would be scored against each other: train leaves them out.
+    """
+    copies: dict[str, list[ImageEntry]] = defaultdict(list)
+    for entry in entries:
+        if entry.label is not None and entry.relpath in keys:
+            copies[keys[entry.relpath]].append(entry)
+    return {key: group for key, group in copies.items() if len({entry.label for entry in group}) > 1}
+
+
+def describe_conflict(group: list[ImageEntry]) -> str:
+    filed = " and ".join(f"{shown(entry.relpath)} ({shown(entry.label)})" for entry in group)
+    return f"label conflict: one image is filed as {filed}; it is left out of training; fix: delete the wrong copy"
+
+
+def trainable(dataset: Dataset, cached: CachedImages) -> tuple[list[ImageEntry], list[str]]:
+    """The images train uses (cached, not in a label conflict), and one warning per conflict."""
+    conflicts = label_conflicts(dataset.entries, cached.keys)
+    entries = [entry for entry in dataset.entries
+               if entry.relpath in cached.keys and cached.keys[entry.relpath] not in conflicts]
+    return entries, [describe_conflict(group) for group in conflicts.values()]

@@ -7,7 +7,7 @@ TensorFlow: it reads the cache, assigns splits from content hashes and fits the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy as np
 from .config import Config
 from .dataset import assign_splits
 from .errors import DatasetError
-from .features import dataset_from_config, match_cached, open_cache, require_complete
+from .features import dataset_from_config, match_cached, open_cache, require_complete, trainable
 from .heads import make_head
 from .runs import new_run_dir, save_run
 
@@ -28,6 +28,7 @@ class TrainResult:
     split_sizes: dict[str, int]
     val_accuracy: float
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())
@@ -42,7 +43,11 @@ def run_train(config: Config) -> TrainResult:
     with open_cache(config) as cache:
         cached = match_cached(dataset, cache)
         require_complete(cached)
-        entries = [e for e in dataset.entries if e.relpath in cached.keys]
+        entries, conflicts = trainable(dataset, cached)
+        if not entries:
+            raise DatasetError(f"none of the {len(dataset.entries)} images can be used ({len(cached.failed)} could not "
+                               f"be read or decoded, {len(conflicts)} label conflict(s)); fix: see what `make extract` "
+                               "lists and warns about")
         splits = assign_splits(entries, cached.keys, val_percent=config.data.val_percent,
                                test_percent=config.data.test_percent)
         labels = sorted({e.label for e in entries if e.label is not None})
@@ -65,8 +70,8 @@ def run_train(config: Config) -> TrainResult:
     run_dir = new_run_dir(config)
     head.save(run_dir)
     info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
-            "failed_images": len(cached.failed), "fingerprint": fingerprint, "cache": cache_file,
-            "dataset": config.dataset_name, "train_seconds": seconds,
+            "failed_images": len(cached.failed), "label_conflicts": conflicts, "fingerprint": fingerprint,
+            "cache": cache_file, "dataset": config.dataset_name, "train_seconds": seconds,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_run(run_dir, config, labels, samples, info, head.history_)
-    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds)
+    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts)

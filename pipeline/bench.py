@@ -1,0 +1,408 @@
+"""`python -m pipeline bench`: how close extraction gets to what this machine can do.
+
+Three rates, measured side by side in one process on one backbone (random weights: speed
+does not depend on their values): `naive`, the tutorials' `model.predict` on one image at a
+time; `ceiling`, the compiled backbone alone on already-decoded batches at its best batch
+size; `pipeline`, the real extract stage on real image files into a cold cache. Achieved
+GFLOP/s are set against an fp32 matrix-multiply rate measured in the same run. Child
+processes then time what users wait for in fresh processes (an unchanged rerun, training a
+head), peak memory at two dataset sizes, and whether bfloat16 features agree with float32
+ones under real ImageNet weights. Output: a table on stdout and the same numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import json
+import operator
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import backbones, images
+from .cache import FeatureCache
+from .config import Config, DataConfig, to_toml
+from .dataset import IMAGE_EXTENSIONS
+from .errors import DatasetError
+from .extract import run_extract
+from .features import open_cache
+from .train import run_train
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flowers5"
+PRECISIONS = ("float32", "bfloat16")
+SMALL_BACKBONE = {"name": "mobilenet", "alpha": 0.25}  # fast, and its real weights are in ../shared/keras
+TARGETS = {  # name: (JSON path, comparison, bound), as set in the project's issue 3
+    "pipeline/ceiling float32": (("ratios", "pipeline_over_ceiling", "float32"), ">=", 0.90),
+    "pipeline/naive float32": (("ratios", "pipeline_over_naive", "float32"), ">=", 3.0),
+    "pipeline bfloat16/naive float32": (("ratios", "pipeline_over_naive", "bfloat16"), ">=", 4.5),
+    "peak RSS growth 10x images": (("memory", "growth"), "<", 0.10),
+    "unchanged rerun wall s": (("rerun", "wall_s"), "<", 2.0),
+    "unchanged rerun imports TensorFlow": (("rerun", "imported_tensorflow"), "==", False),
+    "train/extract time": (("train", "fraction_of_extract"), "<", 0.05),
+    "logreg train imports TensorFlow": (("train", "imported_tensorflow"), "==", False),
+    "bf16 mean cosine": (("agreement", "bfloat16", "mean_cosine"), ">=", 0.999),
+    "bf16 accuracy change (points)": (("agreement", "bfloat16", "accuracy_change_points"), "<=", 1.0),
+}
+_COMPARE = {">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
+# Runs one stage in a fresh process and reports its own peak RSS (VmHWM is per exec'd image,
+# unlike ru_maxrss, which a child inherits from the parent that spawned it) and whether
+# that stage imported TensorFlow.
+_CHILD = """import json, resource, sys
+from pipeline.cli import main
+rc = main(sys.argv[1:])
+try:
+    kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+except OSError:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("BENCH-CHILD " + json.dumps({"peak_rss_mib": kib / 1024, "tensorflow": "tensorflow" in sys.modules}))
+sys.exit(rc)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    images: Path = DEFAULT_IMAGES
+    batch_sizes: tuple[int, ...] = (16, 32, 64)  # tried for the ceiling
+    ceiling_images: int = 128  # per batch size and precision
+    naive_images: int = 24
+    memory_sizes: tuple[int, int] = (500, 5000)
+    agreement_weights: Path | None = None  # MobileNet v1 0.25 no-top file; None: look in the usual places
+
+
+def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
+    """Every measurement, as one JSON-ready dict; `config` gives backbone, batch size, workers."""
+    paths = _image_files(options.images)
+    config = dataclasses.replace(config, data=DataConfig(root=str(options.images)))
+    speed = backbones.with_random_weights(config)
+    result = {"load_before": os.getloadavg(), "machine": machine_info(config)}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = Path(tmp)
+        result["matmul_gflops"] = matmul_gflops()
+        result["backbone"] = backbone_info(speed)
+        result["rates"] = [naive_rate(speed, paths, options.naive_images)]
+        for precision in PRECISIONS:
+            result["rates"] += extraction_rates(_with(speed, backbone={"precision": precision},
+                                                      cache={"dir": str(tmp / precision)}), paths, options)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fp32 = _with(speed, backbone={"precision": "float32"}, cache={"dir": str(tmp / "float32")},
+                     run={"dir": str(tmp / "runs")}, head={"kind": "logreg"})
+        result["rerun"] = child_stage(fp32, tmp, "extract", "--no-progress")
+        result["memory"] = memory_flatness(config, paths, options.memory_sizes, tmp)
+        result["agreement"], real_features = precision_agreement(config, options, tmp)
+        # logreg on features of random weights is a pathological fit (slow, meaningless): time
+        # training on real ImageNet features whenever the agreement check had them
+        result["train"] = child_stage(real_features or fp32, tmp, "train")
+        result["train"]["features"] = f"{(real_features or fp32).backbone.name}, weights " + (
+            "ImageNet" if real_features else "random")
+    _add_ratios(result)
+    result["load_after"] = os.getloadavg()
+    result["targets"] = check_targets(result)
+    return result
+
+
+def machine_info(config: Config) -> dict:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
+    cpu = _cpu_model()
+    return {
+        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu}, {os.cpu_count()} cores (no GPU found)",
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "threads": {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                    "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+                    "decode_workers": config.extract.workers or os.cpu_count(),
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")},
+        "versions": {"python": platform.python_version(), **{
+            name: importlib.metadata.version(name) for name in ("tensorflow", "keras", "numpy", "h5py", "pillow")}},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
+    """The machine's fp32 matrix-multiply rate through the same framework and threads."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    matmul = tf.function(tf.linalg.matmul)
+    matmul(a, b).numpy()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        matmul(a, b).numpy()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def backbone_info(config: Config) -> dict:
+    """Multiply-adds x 2 over the convolutions (and dense layers) of the headless model."""
+    import keras
+
+    model = backbones.build_model(config.backbone)
+    flops, convs = 0, 0
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            out_h, out_w, out_c = layer.output.shape[1:]
+            per_output = np.prod(layer.kernel_size) * (
+                1 if isinstance(layer, keras.layers.DepthwiseConv2D) else layer.input.shape[-1] // layer.groups)
+            flops, convs = flops + 2 * out_h * out_w * out_c * per_output, convs + 1
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2 * layer.input.shape[-1] * layer.units
+    spec = backbones.get_spec(config.backbone.name)
+    return {"name": spec.name, "alpha": config.backbone.alpha if spec.has_alpha else None,
+            "input_size": spec.input_size, "gflop_per_image": int(flops) / 1e9, "convolutions": convs,
+            "weights": "random (speed does not depend on the values)"}
+
+
+def naive_rate(config: Config, paths: list[Path], count: int) -> dict:
+    """The tutorials' way: load one image, preprocess it, `model.predict` it, next image."""
+    import keras
+
+    spec = backbones.get_spec(config.backbone.name)
+    model = backbones.build_model(dataclasses.replace(config.backbone, precision="float32"))
+    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+
+    def predict(path: Path):
+        image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(spec.input_size,) * 2))
+        return model.predict(preprocess(image[None]), verbose=0)
+
+    paths = _cycle(paths, count + 2)
+    predict(paths[0]), predict(paths[1])  # the first calls build Keras' predict function
+    _, wall, cpu = _timed(lambda: [predict(path) for path in paths[2:]])
+    return _row("naive", "float32", 1, count, wall, cpu)
+
+
+def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -> list[dict]:
+    """Ceiling and pipeline at one precision, through one compiled extractor."""
+    extractor = backbones.FeatureExtractor(config.backbone)
+    size = extractor.input_size
+    decoded = np.stack([images.decode_image(p.read_bytes(), size) for p in _cycle(paths, max(options.batch_sizes))])
+    precision = config.backbone.precision
+
+    def ceiling(batch_size: int) -> dict:
+        batch = decoded[:batch_size]
+        extractor(batch)  # warm-up: oneDNN prepares its kernels per shape
+        calls = max(2, -(-options.ceiling_images // batch_size))
+        _, wall, cpu = _timed(lambda: [extractor(batch) for _ in range(calls)])
+        return _row("ceiling", precision, batch_size, calls * batch_size, wall, cpu)
+
+    tried = [ceiling(batch_size) for batch_size in options.batch_sizes]
+    best = max(tried, key=lambda row: row["img_per_s"])
+    summary, _, cpu = _timed(lambda: run_extract(config, progress=False, make_extractor=lambda backbone: extractor))
+    pipeline = _row("pipeline", precision, config.backbone.batch_size, summary.extracted, summary.seconds, cpu)
+    # the load on a shared machine drifts: the ceiling is its best batch size measured just
+    # before and again just after the pipeline, pooled
+    after = ceiling(best["batch_size"])
+    pooled = _row("ceiling", precision, best["batch_size"], best["images"] + after["images"],
+                  best["seconds"] + after["seconds"], best["cpu_seconds"] + after["cpu_seconds"])
+    pooled["img_per_s_before_after"] = [best["img_per_s"], after["img_per_s"]]
+    pooled["batch_sizes_tried"] = {row["batch_size"]: row["img_per_s"] for row in tried}
+    return [pooled, pipeline]
+
+
+def _timed(work):
+    """`work()`, its wall time and this process's CPU time: on a shared machine the CPU
+    time shows how much of the cores the measurement really got."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = work()
+    return value, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _row(stage: str, precision: str, batch_size: int, images: int, seconds: float, cpu_seconds: float) -> dict:
+    return {"stage": stage, "precision": precision, "batch_size": batch_size, "images": images,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "img_per_s": images / seconds,
+            "cpu_ms_per_image": 1000 * cpu_seconds / images}
+
+
+def child_stage(config: Config, tmp: Path, *args: str) -> dict:
+    """One stage in a fresh process, as a user runs it: wall time includes process start."""
+    config_file = Path(tempfile.mkstemp(suffix=".toml", dir=tmp)[1])
+    config_file.write_text(to_toml(config), encoding="utf-8")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _CHILD, *args, "--config", str(config_file)],
+                          capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: `{args[0]}` failed in a child process:\n{done.stderr[-2000:]}")
+    report = json.loads(done.stdout.rsplit("BENCH-CHILD ", 1)[1])
+    return {"stage": args[0], "wall_s": wall, "imported_tensorflow": report["tensorflow"],
+            "peak_rss_mib": report["peak_rss_mib"]}
+
+
+def memory_flatness(config: Config, paths: list[Path], sizes: tuple[int, int], tmp: Path) -> dict:
+    """Peak RSS of a fresh `extract` on n and 10n distinct images (repeated JPEGs, each made
+    unique by a comment segment, so the content-keyed cache extracts every one)."""
+    jpegs = [p for p in paths if p.read_bytes()[:2] == b"\xff\xd8"]
+    if not jpegs:
+        raise DatasetError(f"bench: no JPEG files in {paths[0].parent}; the memory check repeats JPEGs")
+    runs = []
+    for n in sizes:
+        root = tmp / f"memory-{n}"
+        _write_unique_copies(jpegs, n, root)
+        small = _with(backbones.with_random_weights(config), backbone=SMALL_BACKBONE,
+                      cache={"dir": str(tmp / "memory-cache")}, data={"root": str(root)})
+        runs.append({"images": n, **child_stage(small, tmp, "extract", "--no-progress")})
+    return {"backbone": "mobilenet alpha 0.25 (memory use does not depend on the backbone's speed)", "runs": runs,
+            "growth": runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"] - 1}
+
+
+def _write_unique_copies(jpegs: list[Path], count: int, root: Path) -> None:
+    for i, source in enumerate(_cycle(jpegs, count)):
+        data = source.read_bytes()
+        comment = f"bench copy {i}".encode()
+        unique = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+        target = root / f"class{i % 2}" / f"{i:06d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(unique)
+
+
+def precision_agreement(config: Config, options: BenchOptions, tmp: Path) -> tuple[dict, Config | None]:
+    """With real ImageNet weights: do bf16 features (and float16 storage) match float32 ones,
+    and does a logistic-regression head score the same on them? Also gives the float32
+    config, whose cache holds real features."""
+    weights = options.agreement_weights or _find_agreement_weights()
+    if weights is None:
+        return {"skipped": "no MobileNet v1 0.25 ImageNet weights in $KERAS_HOME or ../shared/keras"}, None
+    base = _with(config, backbone={**SMALL_BACKBONE, "weights": str(weights)}, head={"kind": "logreg"},
+                 run={"dir": str(tmp / "agreement-runs")})
+    variants = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "float32"),
+                "float16_storage": ("float32", "float16")}
+    features, result = {}, {"backbone": "mobilenet alpha 0.25, ImageNet weights", "images": str(options.images)}
+    configs = {name: _with(base, backbone={"precision": precision}, cache={"dtype": dtype, "dir": str(tmp / name)})
+               for name, (precision, dtype) in variants.items()}
+    for name, variant in configs.items():
+        run_extract(variant, progress=False)
+        features[name], bytes_per_row = _cached_features(variant)
+        accuracy = run_train(variant).val_accuracy
+        cosine = _cosines(features["float32"], features[name])
+        result[name] = {"val_accuracy": accuracy, "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
+                        "bytes_per_row": bytes_per_row,
+                        "accuracy_change_points": abs(accuracy - result.get("float32", {"val_accuracy": accuracy})[
+                            "val_accuracy"]) * 100}
+    return result, configs["float32"]
+
+
+def _find_agreement_weights() -> Path | None:
+    spec = backbones.get_spec("mobilenet")
+    candidates = [backbones.keras_weights_path(spec, 0.25),
+                  DEFAULT_IMAGES.parents[1] / "keras" / "models" / spec.weights_file_name(0.25)]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _cached_features(config: Config) -> tuple[dict[str, np.ndarray], int]:
+    """Content hash -> feature row, and how many bytes the cache stores per row."""
+    with open_cache(config) as cache:
+        rows = cache.row_index()
+        keys = sorted(rows)
+        features = dict(zip(keys, cache.read_features([rows[key] for key in keys])))
+        path = cache.path
+    with h5py.File(path, "r", locking=False) as f:
+        stored = f["rows/feature"]
+        return features, stored.dtype.itemsize * stored.shape[1]
+
+
+def _cosines(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> np.ndarray:
+    keys = sorted(reference.keys() & other.keys())
+    a, b = np.stack([reference[k] for k in keys]), np.stack([other[k] for k in keys])
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _add_ratios(result: dict) -> None:
+    rows = {(row["stage"], row["precision"]): row for row in result["rates"]}
+    gflop, matmul = result["backbone"]["gflop_per_image"], result["matmul_gflops"]
+    for row in result["rates"]:
+        row["gflops"] = row["img_per_s"] * gflop
+        row["fraction_of_matmul"] = row["gflops"] / matmul
+    naive = rows["naive", "float32"]["img_per_s"]
+    result["ratios"] = {
+        "pipeline_over_naive": {p: rows["pipeline", p]["img_per_s"] / naive for p in PRECISIONS},
+        "pipeline_over_ceiling": {p: rows["pipeline", p]["img_per_s"] / rows["ceiling", p]["img_per_s"]
+                                  for p in PRECISIONS}}
+    pipeline_seconds = rows["pipeline", "float32"]["seconds"]
+    result["train"]["fraction_of_extract"] = result["train"]["wall_s"] / pipeline_seconds
+
+
+def check_targets(result: dict) -> dict:
+    """Each of the issue's targets: the measured value, the bound, and whether it was met
+    (False also when the measurement was skipped)."""
+    checks = {}
+    for name, (path, op, bound) in TARGETS.items():
+        value = result
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        checks[name] = {"value": value, "target": f"{op} {bound}",
+                        "met": value is not None and bool(_COMPARE[op](value, bound))}
+    return checks
+
+
+def format_table(result: dict) -> str:
+    """The human-readable summary: README's performance table comes from here."""
+    b, m = result["backbone"], result["machine"]
+    lines = [f"{b['name']} at {b['input_size']}x{b['input_size']}: {b['gflop_per_image']:.2f} GFLOP/image over "
+             f"{b['convolutions']} convolutions; {m['device']}; fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s; "
+             f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}", "",
+             "| stage | precision | batch | img/s | GFLOP/s | of fp32 matmul | vs naive | vs ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
+    naive = result["rates"][0]["img_per_s"]
+    ceilings = {row["precision"]: row["img_per_s"] for row in result["rates"] if row["stage"] == "ceiling"}
+    for row in result["rates"]:
+        vs_ceiling = f"{row['img_per_s'] / ceilings[row['precision']]:.2f}" if row["stage"] == "pipeline" else ""
+        lines.append(f"| {row['stage']} | {row['precision']} | {row['batch_size']} | {row['img_per_s']:.1f} | "
+                     f"{row['gflops']:.0f} | {row['fraction_of_matmul']:.2f} | {row['img_per_s'] / naive:.1f}x | "
+                     f"{vs_ceiling} |")
+    memory = result["memory"]["runs"]
+    lines += ["", f"peak RSS of this process: {result['peak_rss_mib']:.0f} MiB; fresh extract: "
+              + ", ".join(f"{run['images']} images {run['peak_rss_mib']:.0f} MiB" for run in memory)
+              + f" ({result['memory']['growth']:+.1%})",
+              f"unchanged rerun: {result['rerun']['wall_s']:.2f} s wall; logreg train: "
+              f"{result['train']['wall_s']:.2f} s wall ({result['train']['fraction_of_extract']:.1%} of extraction)"]
+    agreement = result["agreement"]
+    if "skipped" in agreement:
+        lines.append(f"bf16 agreement: skipped ({agreement['skipped']})")
+    else:
+        lines += [f"{agreement['backbone']} on {Path(agreement['images']).name}: " + "; ".join(
+            f"{name}: val accuracy {row['val_accuracy']:.4f}, cosine to float32 mean {row['mean_cosine']:.5f} "
+            f"min {row['min_cosine']:.5f}, {row['bytes_per_row']} bytes/row"
+            for name, row in agreement.items() if isinstance(row, dict))]
+    lines += ["", "targets: " + ", ".join(f"{name} {'met' if check['met'] else 'MISSED'}"
+                                          for name, check in result["targets"].items())]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def _image_files(root: Path) -> list[Path]:
+    found = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not found:
+        raise DatasetError(f"bench: no images under {root}; fix: pass --images with a folder of photos")
+    return found
+
+
+def _cycle(items: list, count: int) -> list:
+    return [items[i % len(items)] for i in range(count)]
+
+
+def _with(config: Config, **sections: dict) -> Config:
+    """`config` with some keys of some sections changed: `_with(c, cache={"dir": "x"})`."""
+    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)
+                                          for name, changes in sections.items()})

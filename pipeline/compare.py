@@ -1,0 +1,254 @@
+"""Runs of one dataset side by side, and the sweep that fills the table in one command.
+
+Heads retrain on cached features in seconds, so trying several is how users choose. The
+table is ranked by validation accuracy and the best run is marked by it, because picking
+by test accuracy would quietly tune on the test set; test metrics are shown beside it.
+The from-scratch baseline lands in the same table, labelled, to show what transfer buys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from .cache import FeatureCache
+from .config import Config, load_config
+from .errors import ConfigError, PipelineError
+from .html_report import bar_cell, describe_model, esc, format_params, format_seconds, html_page, sortable_table
+
+# Without --vary: the logistic-regression head (its C is chosen on validation anyway) and a
+# small grid of dense heads over the two settings that matter most on bottleneck features.
+DEFAULT_GRID: tuple[tuple[str, ...], ...] = (
+    ("head.kind=logreg",),
+    *(("head.kind=dense", f"head.dense.hidden_units=[{units}]", f"head.dense.dropout={dropout}")
+      for units in (256, 1024) for dropout in (0.2, 0.5)),
+)
+
+
+_SCRATCH_KEY_PARAMS = ("image_size", "best_epoch")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    features: str
+    head: str
+    params: str
+    from_scratch: bool
+    val_accuracy: float | None
+    split: str | None = None  # the split the report scored: test, or val when there is no test split
+    accuracy: float | None = None
+    balanced_accuracy: float | None = None
+    precision: float | None = None  # macro average over classes
+    extract_seconds: float | None = None
+    train_seconds: float | None = None
+    problem: str | None = None  # why the run has no metrics
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def compare_runs(config: Config) -> list[RunSummary]:
+    """Every complete run of the config's dataset, best validation accuracy first.
+
+    Runs not reported yet are reported now (seconds per head); a run that cannot be
+    reported stays in the table with the reason.
+    """
+    base = Path(config.run.dir) / config.dataset_name
+    run_dirs = sorted(path.parent for path in base.glob("*/run.json")) if base.is_dir() else []
+    if not run_dirs:
+        raise PipelineError(f"no runs under {base} to compare; fix: run `make train`, `make sweep` or "
+                            "`make baseline` with the same config first")
+    extract_seconds = _ExtractTimes()
+    rows = [_summarise(run_dir, extract_seconds) for run_dir in run_dirs]
+    return sorted(rows, key=lambda row: (-(row.val_accuracy if row.val_accuracy is not None else -1), row.name))
+
+
+def _summarise(run_dir: Path, extract_seconds: "_ExtractTimes") -> RunSummary:
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    features, head = describe_model(info)
+    scratch = bool(info.get("from_scratch"))
+    params = info.get("params", {})
+    if scratch:  # the rest are the baseline's fixed recipe, in its report
+        params = {key: params.get(key) for key in _SCRATCH_KEY_PARAMS}
+    row = RunSummary(run_dir, features, head, format_params(params), scratch,
+                     info.get("val_accuracy"), train_seconds=info.get("train_seconds"),
+                     extract_seconds=extract_seconds.of(info.get("cache")))
+    metrics_path = run_dir / "report" / "metrics.json"
+    if not metrics_path.is_file():
+        from .evaluate import run_report
+
+        try:
+            run_report(run_dir)
+        except PipelineError as exc:
+            row.problem = str(exc)
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if metrics.get("n_labeled"):
+            row.split, row.accuracy = metrics["split"], metrics["accuracy"]
+            row.balanced_accuracy, row.precision = metrics["balanced_accuracy"], metrics["macro_avg"]["precision"]
+    return row
+
+
+class _ExtractTimes:
+    """Seconds spent extracting each cache file, read once per file."""
+
+    def __init__(self):
+        self._seconds: dict[str, float | None] = {}
+
+    def of(self, cache_file: str | None) -> float | None:
+        if cache_file is None:
+            return None  # the from-scratch baseline has no extract stage
+        if cache_file not in self._seconds:
+            try:
+                with FeatureCache(cache_file) as cache:
+                    self._seconds[cache_file] = (cache.extract_timing() or {}).get("seconds")
+            except PipelineError:  # cache deleted or rebuilt since: the time is unknown, not an error
+                self._seconds[cache_file] = None
+        return self._seconds[cache_file]
+
+
+def best_run(rows: Sequence[RunSummary]) -> RunSummary | None:
+    scored = [row for row in rows if row.val_accuracy is not None]
+    return max(scored, key=lambda row: row.val_accuracy) if scored else None
+
+
+def _split_title(rows: Sequence[RunSummary]) -> str:
+    """"test " when every report scored the test split; without one the report scores val again."""
+    return "test " if {row.split for row in rows if row.split} == {"test"} else "reported "
+
+
+def _columns(rows: Sequence[RunSummary]) -> list[tuple[str, str, Callable[[RunSummary], object]]]:
+    """(title, "num"|"text", value) for every column, shared by the terminal and the HTML table."""
+    split = _split_title(rows)
+    return [("run", "text", lambda r: r.name),
+            ("features", "text", lambda r: r.features),
+            ("head", "text", lambda r: r.head),
+            ("val accuracy", "num", lambda r: r.val_accuracy),
+            (f"{split}accuracy", "num", lambda r: r.accuracy),
+            (f"{split}balanced accuracy", "num", lambda r: r.balanced_accuracy),
+            (f"{split}precision (macro)", "num", lambda r: r.precision),
+            ("extract", "num", lambda r: r.extract_seconds),
+            ("train", "num", lambda r: r.train_seconds),
+            ("hyperparameters", "text", lambda r: r.params)]
+
+
+def format_table(rows: Sequence[RunSummary], *, width: int = 40) -> str:
+    """The terminal table; text columns but the last are cut at `width` characters, the HTML has them whole."""
+    best = best_run(rows)
+    columns = _columns(rows)
+
+    def cell(kind: str, title: str, value) -> str:
+        if value is None:
+            return "–"
+        if kind == "num":
+            return format_seconds(value) if title in ("extract", "train") else f"{value:.4f}"
+        text = str(value)
+        return text if len(text) <= width or title == columns[-1][0] else text[:width - 1] + "…"
+
+    table = [[title for title, _, _ in columns]]
+    for row in rows:
+        table.append([cell(kind, title, get(row)) for title, kind, get in columns])
+        table[-1][0] = ("* " if row is best else "  ") + table[-1][0]
+    table[0][0] = "  " + table[0][0]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(text.rjust(w) if kind == "num" else text.ljust(w)
+                       for text, w, (_, kind, _) in zip(line, widths, columns)).rstrip() for line in table]
+    notes = ["* best validation accuracy (choose on validation; the test columns are for reporting)"]
+    if any(row.split == "val" for row in rows):
+        notes.append("'reported' columns: runs without a test split are reported on their validation split")
+    if any(row.from_scratch for row in rows):
+        notes.append("features 'none (from scratch)': the baseline, a small CNN trained on the raw images, no transfer")
+    notes += [f"{row.name}: {row.problem}" for row in rows if row.problem]
+    return "\n".join(lines + [""] + notes)
+
+
+def write_compare_html(path: Path, rows: Sequence[RunSummary], dataset: str) -> Path:
+    """compare.html beside the runs: the same table, sortable, each run linking to its report."""
+    best = best_run(rows)
+    columns = _columns(rows)
+    body_rows, classes = [], []
+    for row in rows:
+        cells = []
+        for title, kind, get in columns:
+            value = get(row)
+            if title == "run":
+                link = f"{row.name}/report/report.html"
+                mark = '<span class="star" title="best validation accuracy">★</span> ' if row is best else ""
+                cells.append((f'{mark}<a href="{esc(link)}">{esc(row.name)}</a>', row.name))
+            elif title == "features" and row.from_scratch:
+                cells.append((f"<b>{esc(value)}</b>", value))
+            elif kind == "num" and title in ("extract", "train"):
+                cells.append((esc(format_seconds(value)), "" if value is None else value))
+            elif kind == "num":
+                cells.append(bar_cell(value))
+            else:
+                cells.append((esc(value), value))
+        body_rows.append(cells)
+        classes.append("best" if row is best else "scratch" if row.from_scratch else "run")
+    problems = "".join(f"<li>{esc(row.name)}: {esc(row.problem)}</li>" for row in rows if row.problem)
+    body = (f"<header><h1>{esc(dataset)} <small>{len(rows)} runs compared</small></h1>"
+            '<p class="note">★ marks the best validation accuracy: choose on validation, the test columns are for '
+            "reporting. Rows on an orange ground are the from-scratch baseline (no transfer learning). Click a column "
+            "to sort, a run to open its report.</p></header>"
+            f"<section>{sortable_table('compare', [(t, k) for t, k, _ in columns], body_rows, classes)}"
+            + (f'<ul class="note">{problems}</ul>' if problems else "") + "</section>")
+    Path(path).write_text(html_page(f"{dataset}: runs compared", body), encoding="utf-8")
+    return Path(path)
+
+
+def run_compare(config: Config) -> tuple[list[RunSummary], Path]:
+    rows = compare_runs(config)
+    path = write_compare_html(Path(config.run.dir) / config.dataset_name / "compare.html", rows, config.dataset_name)
+    return rows, path
+
+
+def sweep_grid(vary: Sequence[str]) -> list[tuple[str, ...]]:
+    """`--set` lists for each combination of `KEY=[alternatives]`; the default grid without any."""
+    if not vary:
+        return [tuple(combo) for combo in DEFAULT_GRID]
+    axes = []
+    for item in vary:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        example = "for example --vary 'head.dense.dropout=[0.2, 0.5]'"
+        if not sep or not key:
+            raise ConfigError(f"--vary {item!r}: expected KEY=[value, ...], {example}")
+        if not key.startswith("head."):
+            raise ConfigError(f"--vary {key}: a sweep trains heads on one cache, so it varies head.* keys only; fix: "
+                              "for another backbone run `make extract` with it, then sweep again")
+        try:
+            values = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values = None
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"--vary {item!r}: the value must be a TOML array of alternatives, {example}")
+        axes.append([f"{key}={json.dumps(value)}" for value in values])  # JSON arrays and scalars are TOML too
+    return list(itertools.product(*axes))
+
+
+def run_sweep(config_path: Path | None, overrides: Sequence[str], vary: Sequence[str], *, progress: bool = True,
+              log: Callable[[str], None] = print) -> list[Path]:
+    """Train and report one head per combination on the config's cache; the run folders, in order.
+
+    Every combination is checked before the first head trains, so a typo fails at once.
+    """
+    from .evaluate import run_report
+    from .train import run_train
+
+    configs = [load_config(config_path, [*overrides, *combo]) for combo in sweep_grid(vary)]
+    run_dirs = []
+    for config in tqdm(configs, unit="head", desc="sweep", disable=not progress, file=sys.stderr):
+        result = run_train(config)
+        run_report(result.run_dir)
+        log(result.describe())
+        run_dirs.append(result.run_dir)
+    return run_dirs

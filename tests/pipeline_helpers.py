@@ -1,0 +1,27 @@
+"""Helpers shared by the bad-image, fault, concurrency and config-error tests."""
+
+from pipeline import backbones
+
+
+class KeptExtractor:
+    """The real extractor, built once per backbone setup for the whole test session and kept,
+    so that a test can also run it on the pixels it expects."""
+
+    built: dict = {}
+
+    def __new__(cls, backbone):
+        model = (backbone.name, backbone.alpha, backbone.weights, backbone.seed, backbone.precision)
+        if model not in cls.built:
+            cls.built[model] = backbones.FeatureExtractor(backbone)
+        return cls.built[model]
+
+
+def cli_args(config, *settings: str) -> list[str]:
+    """`--set` arguments that give the command line the config of conftest's `tiny_config`,
+    and then `settings` (key=value) on top."""
+    given = {"data.root": repr(config.data.root), "cache.dir": repr(config.cache.dir), "run.dir": repr(config.run.dir),
+             "backbone.name": config.backbone.name, "backbone.alpha": config.backbone.alpha,
+             "backbone.weights": config.backbone.weights, "backbone.batch_size": config.backbone.batch_size,
+             "data.val_percent": config.data.val_percent, "data.test_percent": config.data.test_percent}
+    pairs = [f"{key}={value}" for key, value in given.items()] + list(settings)
+    return [part for pair in pairs for part in ("--set", pair)]

@@ -1,0 +1,65 @@
+"""The benchmark's plumbing at a tiny size: every section runs and the JSON keeps its shape.
+
+No timing is asserted (the machine is shared): speed is what the benchmark reports, not
+what a test can check. A small MobileNet and a dozen JPEGs keep it quick.
+"""
+
+import json
+
+import pytest
+
+from pipeline.bench import BenchOptions, child_stage, format_table, run_bench, write_json
+from pipeline.extract import run_extract
+
+from conftest import tiny_config, write_image
+
+
+@pytest.fixture
+def tiny_jpegs(tmp_path):
+    """Two classes of JPEGs in train/val folders (the memory check repeats JPEGs)."""
+    root = tmp_path / "photos"
+    for c, name in enumerate(["ant", "bee"]):
+        for i in range(6):
+            write_image(root / ("val" if i % 3 == 0 else "train") / name / f"{i}.jpg", seed=10 * c + i, size=(90, 70))
+    return root
+
+
+def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jpegs, keras_home):
+    config = tiny_config(tmp_path, tiny_jpegs)  # MobileNet v1 0.25, batch size 8
+    options = BenchOptions(images=tiny_jpegs, batch_sizes=(4, 8), ceiling_images=8, naive_images=2,
+                           memory_sizes=(12, 24))
+    write_json(run_bench(config, options), tmp_path / "bench.json")
+    result = json.loads((tmp_path / "bench.json").read_text())
+
+    assert result["machine"]["device"].startswith(("CPU: ", "GPU: "))
+    assert {"tensorflow", "keras", "numpy", "h5py", "pillow", "python"} <= set(result["machine"]["versions"])
+    assert len(result["load_before"]) == 3 and result["matmul_gflops"] > 0
+    assert result["backbone"]["convolutions"] == 27  # MobileNet v1: 1 stem + 13 depthwise + 13 pointwise
+    assert result["backbone"]["gflop_per_image"] == pytest.approx(0.0815, abs=1e-3)
+    rates = {(row["stage"], row["precision"]): row for row in result["rates"]}
+    assert set(rates) == {("naive", "float32"), ("ceiling", "float32"), ("pipeline", "float32"),
+                          ("ceiling", "bfloat16"), ("pipeline", "bfloat16")}
+    assert rates["pipeline", "bfloat16"]["images"] == 12, "the pipeline extracts every image from a cold cache"
+    assert set(rates["ceiling", "float32"]["batch_sizes_tried"]) == {"4", "8"}
+    assert all(row["img_per_s"] > 0 and row["fraction_of_matmul"] > 0 for row in result["rates"])
+    assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling"}
+
+    assert [run["images"] for run in result["memory"]["runs"]] == [12, 24]
+    assert all(run["peak_rss_mib"] > 50 for run in result["memory"]["runs"])
+    assert result["rerun"]["imported_tensorflow"] is False and result["train"]["imported_tensorflow"] is False
+
+    agreement = result["agreement"]
+    assert agreement["float32"]["mean_cosine"] == pytest.approx(1.0)
+    assert agreement["bfloat16"]["min_cosine"] > 0.95, "bf16 features must stay close to float32 ones"
+    assert agreement["float16_storage"]["min_cosine"] > 0.9999
+    assert agreement["float16_storage"]["bytes_per_row"] * 2 == agreement["float32"]["bytes_per_row"] == 256 * 4
+    assert all(isinstance(check["met"], bool) for check in result["targets"].values())
+    assert "| pipeline | bfloat16 |" in format_table(result)
+
+
+def test_train_with_logreg_head_does_not_import_tensorflow(tmp_path, tiny_dataset):
+    config = tiny_config(tmp_path, tiny_dataset, **{"head.kind": "logreg"})
+    run_extract(config, progress=False)
+    train = child_stage(config, tmp_path, "train")
+    assert train["imported_tensorflow"] is False
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/head.h5"))) == 1

@@ -1,0 +1,135 @@
+"""Two extracts on one cache, and train or report while extract writes (real subprocesses).
+
+A second extract fails at once and names the process that is writing; it never
+interleaves its batches with the first one's. Readers hold a shared lock while they have
+the cache open and the writer takes it for each commit, so a reader sees one committed
+state from open to close, and the writer says so when it has to wait for one.
+"""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import backbones
+from pipeline.cache import FeatureCache, cache_path
+from pipeline.cli import main
+from pipeline.extract import run_extract
+
+from conftest import REPO, tiny_config, write_image
+from pipeline_helpers import KeptExtractor, cli_args
+
+
+def _start_extract(config, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--no-progress", *cli_args(config)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, log: Path, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if process.poll() is not None and not condition():
+            raise AssertionError(f"extract ended first: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"extract made no progress: {log.read_text()[-2000:]}")
+        time.sleep(0.005)
+
+
+def _scores(run: Path) -> dict:
+    """The report's metrics, less how long things took."""
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    metrics["context"].pop("seconds", None)
+    return metrics
+
+
+def _snapshot(path: Path, fingerprint: dict) -> tuple[dict, dict]:
+    with FeatureCache(path, fingerprint) as cache:
+        rows = cache.row_index()
+        files = {p: r.key for p, r in cache.file_index().items()}
+        return dict(zip(rows, cache.read_features(list(rows.values())))), files
+
+
+def test_a_second_extract_fails_at_once_naming_the_first(tmp_path, tiny_dataset, capsys):
+    config = tiny_config(tmp_path, tiny_dataset)
+    path = cache_path(config.cache.dir, config.dataset_name, backbones.fingerprint(config))
+    lock = path.with_name(path.name + ".lock")
+    log = tmp_path / "first.log"
+    first = _start_extract(config, log)
+    try:
+        _wait_for(lambda: lock.exists() and lock.read_text() == f"pid {first.pid} on {socket.gethostname()}",
+                  first, log)
+        first.send_signal(signal.SIGSTOP)  # it holds the cache for as long as the second one tries
+        capsys.readouterr()
+        assert main(["extract", "--no-progress", *cli_args(config)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {path} is being written by pid {first.pid} on {socket.gethostname()}; fix: wait for that "
+            "extract to finish or stop it, then run again"]
+        first.send_signal(signal.SIGCONT)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, log.read_text()[-2000:]
+    assert "24 images: 24 extracted" in out
+    rows, files = _snapshot(path, backbones.fingerprint(config))
+    assert len(rows) == 24 and set(files.values()) == set(rows)  # each image once: nothing interleaved
+
+
+def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_path, capsys):
+    root = tmp_path / "farm"
+    for c, label in enumerate(("wolf", "sheep")):
+        for i in range(12):
+            write_image(root / label / f"{i:02d}.png", seed=100 * c + i)
+    config = tiny_config(tmp_path, root, **{"backbone.batch_size": 2})
+    fp = backbones.fingerprint(config)
+    path = cache_path(config.cache.dir, config.dataset_name, fp)
+    run_extract(config, progress=False, make_extractor=KeptExtractor)
+    args = cli_args(config)
+    assert main(["train", *args]) == 0 and main(["report", *args]) == 0
+    (run,) = (tmp_path / "runs" / "farm").iterdir()
+    reported = _scores(run)
+    before, _ = _snapshot(path, fp)
+    for c, label in enumerate(("wolf", "sheep")):
+        for i in range(12, 72):
+            write_image(root / label / f"{i:02d}.png", seed=100 * c + i)
+
+    log = tmp_path / "extract.log"
+    reader = FeatureCache(path, fp)  # a reader has the file open: the writer waits for it, and says so
+    writer = _start_extract(config, log)
+    try:
+        _wait_for(lambda: "waiting for readers of" in log.read_text(), writer, log)
+        reader.close()
+        size = path.stat().st_size
+        _wait_for(lambda: path.stat().st_size != size, writer, log)  # committing
+        snapshots, partial = [], 0
+        while writer.poll() is None:
+            rows, files = _snapshot(path, fp)
+            snapshots.append((rows, files))
+            partial += len(before) < len(rows) < len(before) + 120
+            capsys.readouterr()
+            status = main(["train", *args])  # refuses the half-extracted dataset, in one line
+            error = capsys.readouterr().err
+            assert status == 0 or error.startswith("error: ") and "are new or changed since the last extract" in error
+            assert main(["report", *args, "--run", str(run)]) == 0  # reports the trained run exactly as before
+            assert _scores(run) == reported
+            time.sleep(0.05)  # leave the writer room between readers
+        assert writer.wait() == 0, log.read_text()[-2000:]
+    finally:
+        writer.kill()
+        writer.wait()
+    final, final_files = _snapshot(path, fp)
+    assert len(final) == len(before) + 120
+    assert partial >= 1, "no snapshot was taken half-way"
+    counts = [len(rows) for rows, _ in snapshots]
+    assert counts == sorted(counts)
+    for rows, files in snapshots:  # each one a committed state: rows right, index entries pointing at rows
+        assert set(files.values()) <= set(rows)
+        for key, row in rows.items():
+            np.testing.assert_allclose(row, final[key], rtol=1e-5, atol=1e-6)
+    assert main(["train", *args]) == 0
