@@ -164,6 +164,8 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
             values[name] = _build(kind, raw[name], prefix + name + ".")
         else:
             values[name] = _check(prefix + name, kind, raw[name])
+        if typing.get_origin(kind) is list and not values[name]:
+            raise ConfigError(f"{prefix + name} is empty; fix: give it at least one value (see configs/example.toml)")
     return cls(**values)
 
 
@@ -184,5 +186,10 @@ def _check(key: str, kind: Any, value: Any) -> Any:
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `--set data.root=2024` is still a path
     if type(value) is not kind:
-        raise ConfigError(f"{key} = {value!r} should be a {kind.__name__}, not a {type(value).__name__}")
+        raise ConfigError(f"{key} = {value!r} is a {type(value).__name__}, but {key} takes {_article(kind.__name__)}; "
+                          f"fix: give it {_article(kind.__name__)} value (see configs/example.toml)")
     return value
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word

@@ -51,6 +51,7 @@ def test_file_then_overrides_typed(tmp_path):
     (["head.kind=svm"], ["head.kind", "logreg", "dense"]),
     (["backbone.name=vgg"], ["backbone.name", "inception_v3"]),
     (["nonsense"], ["key=value"]),
+    (["head.logreg.c_values=[]"], ["head.logreg.c_values", "empty"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as info:

@@ -35,7 +35,8 @@ CONFIG_MISTAKES = {
     "an unknown key": (["head.kindd=dense"], "unknown config key 'head.kindd'; fix: remove it or use one of: "
                                              "head.dense, head.kind, head.logreg"),
     "a value of the wrong type": (["backbone.batch_size=many"],
-                                  "backbone.batch_size = 'many' should be a int, not a str"),
+                                  "backbone.batch_size = 'many' is a str, but backbone.batch_size takes an int; fix: give "
+                                  "it an int value (see configs/example.toml)"),
     "a choice that does not exist": (["head.kind=svm"], "head.kind = 'svm' is not allowed; fix: use one of 'logreg', "
                                                         "'dense'"),
     "a table where a value belongs": (["backbone=big"], "backbone: expected a table of keys, got 'big'"),
