@@ -41,12 +41,15 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
                           ("ceiling", "bfloat16"), ("pipeline", "bfloat16")}
     assert rates["pipeline", "bfloat16"]["images"] == 12, "the pipeline extracts every image from a cold cache"
     assert set(rates["ceiling", "float32"]["batch_sizes_tried"]) == {"4", "8"}
-    assert all(row["img_per_s"] > 0 and row["fraction_of_matmul"] > 0 for row in result["rates"])
-    assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling"}
+    assert all(row["img_per_s"] > 0 and row["cpu_ms_per_image"] > 0 and row["fraction_of_matmul"] > 0
+               for row in result["rates"])
+    assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
+    assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu"}
 
     assert [run["images"] for run in result["memory"]["runs"]] == [12, 24]
     assert all(run["peak_rss_mib"] > 50 for run in result["memory"]["runs"])
     assert result["rerun"]["imported_tensorflow"] is False and result["train"]["imported_tensorflow"] is False
+    assert result["train"]["features"] == "mobilenet, weights ImageNet"
 
     agreement = result["agreement"]
     assert agreement["float32"]["mean_cosine"] == pytest.approx(1.0)
@@ -54,7 +57,9 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert agreement["float16_storage"]["min_cosine"] > 0.9999
     assert agreement["float16_storage"]["bytes_per_row"] * 2 == agreement["float32"]["bytes_per_row"] == 256 * 4
     assert all(isinstance(check["met"], bool) for check in result["targets"].values())
-    assert "| pipeline | bfloat16 |" in format_table(result)
+    assert result["targets"]["logreg train imports TensorFlow"]["met"] is True
+    table = format_table(result)
+    assert "| pipeline | bfloat16 |" in table and "targets:" in table
 
 
 def test_train_with_logreg_head_does_not_import_tensorflow(tmp_path, tiny_dataset):
