@@ -52,6 +52,10 @@ TARGETS = {  # name: (JSON path, comparison, bound), as set in the project's iss
     "bf16 mean cosine": (("agreement", "bfloat16", "mean_cosine"), ">=", 0.999),
     "bf16 accuracy change (points)": (("agreement", "bfloat16", "accuracy_change_points"), "<=", 1.0),
 }
+# The most a pipeline could score on a target on this machine: the backbone alone against naive.
+# Where that is below the bound, the hardware rather than the pipeline decides the target.
+REACHABLE = {"pipeline/naive float32": ("ratios", "ceiling_over_naive", "float32"),
+             "pipeline bfloat16/naive float32": ("ratios", "ceiling_over_naive", "bfloat16")}
 _COMPARE = {">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
 # Runs one stage in a fresh process and reports its own peak RSS (VmHWM is per exec'd image,
 # unlike ru_maxrss, which a child inherits from the parent that spawned it) and whether
@@ -71,7 +75,7 @@ sys.exit(rc)
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
     images: Path = DEFAULT_IMAGES
-    batch_sizes: tuple[int, ...] = (16, 32, 64)  # tried for the ceiling
+    batch_sizes: tuple[int, ...] = (32, 64)  # tried for the ceiling (16 was never the best here)
     ceiling_images: int = 128  # per batch size and precision
     naive_images: int = 24
     memory_sizes: tuple[int, int] = (500, 5000)
@@ -86,20 +90,27 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
     result = {"load_before": os.getloadavg(), "machine": machine_info(config)}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
+        _say("fp32 matrix-multiply rate and the backbone's FLOP count")
         result["matmul_gflops"] = matmul_gflops()
         result["backbone"] = backbone_info(speed)
+        _say(f"naive: model.predict on {options.naive_images} images, one at a time")
         result["rates"] = [naive_rate(speed, paths, options.naive_images)]
         for precision in PRECISIONS:
+            _say(f"ceiling and pipeline in {precision} ({len(paths)} images)")
             result["rates"] += extraction_rates(_with(speed, backbone={"precision": precision},
                                                       cache={"dir": str(tmp / precision)}), paths, options)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         fp32 = _with(speed, backbone={"precision": "float32"}, cache={"dir": str(tmp / "float32")},
                      run={"dir": str(tmp / "runs")}, head={"kind": "logreg"})
+        _say("unchanged rerun of extract, in a fresh process")
         result["rerun"] = child_stage(fp32, tmp, "extract", "--no-progress")
+        _say(f"peak memory of extract at {' and '.join(map(str, options.memory_sizes))} images")
         result["memory"] = memory_flatness(config, paths, options.memory_sizes, tmp)
+        _say("bfloat16 and float16 storage against float32, with real ImageNet weights")
         result["agreement"], real_features = precision_agreement(config, options, tmp)
         # logreg on features of random weights is a pathological fit (slow, meaningless): time
         # training on real ImageNet features whenever the agreement check had them
+        _say("logreg train, in a fresh process")
         result["train"] = child_stage(real_features or fp32, tmp, "train")
         result["train"]["features"] = f"{(real_features or fp32).backbone.name}, weights " + (
             "ImageNet" if real_features else "random")
@@ -107,6 +118,11 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
     result["load_after"] = os.getloadavg()
     result["targets"] = check_targets(result)
     return result
+
+
+def _say(section: str) -> None:
+    """The benchmark runs for minutes: each section announces itself on stderr."""
+    print(f"bench: {section}...", file=sys.stderr, flush=True)
 
 
 def machine_info(config: Config) -> dict:
@@ -118,6 +134,7 @@ def machine_info(config: Config) -> dict:
     return {
         "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu}, {os.cpu_count()} cores (no GPU found)",
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "cpu_native_bfloat16": backbones.cpu_has_native_bfloat16(),
         "threads": {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                     "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                     "decode_workers": config.extract.workers or os.cpu_count(),
@@ -189,25 +206,32 @@ def naive_rate(config: Config, paths: list[Path], count: int) -> dict:
 
 
 def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -> list[dict]:
-    """Ceiling and pipeline at one precision, through one compiled extractor."""
-    extractor = backbones.FeatureExtractor(config.backbone)
-    size = extractor.input_size
-    decoded = np.stack([images.decode_image(p.read_bytes(), size) for p in _cycle(paths, max(options.batch_sizes))])
+    """Ceiling and pipeline at one precision. An extractor compiles for its own batch size, so
+    each batch size tried gets its own; the pipeline reuses the one for its batch size, warm."""
     precision = config.backbone.precision
+    size = backbones.get_spec(config.backbone.name).input_size
+    decoded = np.stack([images.decode_image(p.read_bytes(), size) for p in _cycle(paths, max(options.batch_sizes))])
+    extractors, startup = {}, {}
 
     def ceiling(batch_size: int) -> dict:
         batch = decoded[:batch_size]
-        extractor(batch)  # warm-up: oneDNN prepares its kernels per shape
+        if batch_size not in extractors:  # building and compiling, once: what every extract pays first
+            (extractor, _), startup[batch_size], _ = _timed(lambda: _first_call(config, batch_size, batch))
+            extractors[batch_size] = extractor
         calls = max(2, -(-options.ceiling_images // batch_size))
-        _, wall, cpu = _timed(lambda: [extractor(batch) for _ in range(calls)])
+        _, wall, cpu = _timed(lambda: [extractors[batch_size](batch) for _ in range(calls)])
         return _row("ceiling", precision, batch_size, calls * batch_size, wall, cpu)
 
     tried = [ceiling(batch_size) for batch_size in options.batch_sizes]
     best = max(tried, key=lambda row: row["img_per_s"])
-    clocked = _Clocked(extractor)
+    pipeline_batch = config.backbone.batch_size
+    if pipeline_batch not in extractors:
+        ceiling(pipeline_batch)
+    clocked = _Clocked(extractors[pipeline_batch])
     summary, _, cpu = _timed(lambda: run_extract(config, progress=False, make_extractor=lambda backbone: clocked))
-    pipeline = _row("pipeline", precision, config.backbone.batch_size, summary.extracted, summary.seconds, cpu)
+    pipeline = _row("pipeline", precision, pipeline_batch, summary.extracted, summary.seconds, cpu)
     pipeline["backbone_busy"] = clocked.seconds / summary.seconds  # 1.0: the backbone never waited for input
+    pipeline["startup_s"] = startup[pipeline_batch]  # model build and compile, paid once per process, not counted
     # the load on a shared machine drifts: the ceiling is its best batch size measured just
     # before and again just after the pipeline, pooled
     after = ceiling(best["batch_size"])
@@ -216,6 +240,11 @@ def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -
     pooled["img_per_s_before_after"] = [best["img_per_s"], after["img_per_s"]]
     pooled["batch_sizes_tried"] = {row["batch_size"]: row["img_per_s"] for row in tried}
     return [pooled, pipeline]
+
+
+def _first_call(config: Config, batch_size: int, batch: np.ndarray):
+    extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size))
+    return extractor, extractor(batch)
 
 
 class _Clocked:
@@ -353,6 +382,7 @@ def _add_ratios(result: dict) -> None:
         "pipeline_over_naive": {p: rows["pipeline", p]["img_per_s"] / naive for p in PRECISIONS},
         "pipeline_over_ceiling": {p: rows["pipeline", p]["img_per_s"] / rows["ceiling", p]["img_per_s"]
                                   for p in PRECISIONS},
+        "ceiling_over_naive": {p: rows["ceiling", p]["img_per_s"] / naive for p in PRECISIONS},
         # the same in CPU time per image: less sensitive to other processes on a shared machine
         "pipeline_over_ceiling_cpu": {p: rows["ceiling", p]["cpu_ms_per_image"] / rows["pipeline", p]["cpu_ms_per_image"]
                                       for p in PRECISIONS}}
@@ -362,15 +392,22 @@ def _add_ratios(result: dict) -> None:
 
 def check_targets(result: dict) -> dict:
     """Each of the issue's targets: the measured value, the bound, and whether it was met
-    (False also when the measurement was skipped)."""
+    (False also when the measurement was skipped); `reachable` where the hardware caps it."""
     checks = {}
     for name, (path, op, bound) in TARGETS.items():
-        value = result
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
+        value = _lookup(result, path)
         checks[name] = {"value": value, "target": f"{op} {bound}",
                         "met": value is not None and bool(_COMPARE[op](value, bound))}
+        if name in REACHABLE:
+            checks[name]["reachable"] = _lookup(result, REACHABLE[name])
     return checks
+
+
+def _lookup(result: dict, path: tuple[str, ...]):
+    value = result
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def format_table(result: dict) -> str:
@@ -406,8 +443,11 @@ def format_table(result: dict) -> str:
                   f"min {row['min_cosine']:.5f}, {row['bytes_per_row']} bytes/row"
                   for name, row in agreement.items() if isinstance(row, dict)]
     lines.append("targets:")
-    lines += [f"  {'met   ' if check['met'] else 'MISSED'} {name}: {check['value']!r:.6} {check['target']}"
-              for name, check in result["targets"].items()]
+    for name, check in result["targets"].items():
+        line = f"  {'met   ' if check['met'] else 'MISSED'} {name}: {check['value']!r:.6} {check['target']}"
+        if not check["met"] and check.get("reachable") is not None:
+            line += f" (the backbone alone reaches {check['reachable']:.2f} on this machine)"
+        lines.append(line)
     return "\n".join(lines)
 
 

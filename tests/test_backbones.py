@@ -52,6 +52,31 @@ def test_bfloat16_policy_is_used_and_close_to_float32():
     assert cosine.min() > 0.98
 
 
+def test_full_batches_run_compiled_and_agree_with_partial_ones(keras_home, flowers5):
+    """A full batch goes through XLA, a partial one through the plain graph: an image's
+    features must not depend on which (real weights, real photos)."""
+    from pipeline import images
+
+    config = load_config(None, ["backbone.name=mobilenet", "backbone.alpha=0.25", "backbone.batch_size=4"]).backbone
+    extractor = backbones.FeatureExtractor(config)
+    paths = sorted(flowers5.glob("train/*/*.jpg"))[::40][:4]
+    batch = np.stack([images.decode_image(path.read_bytes(), 224) for path in paths])
+    full, partial = extractor(batch), extractor(batch[:3])
+    assert extractor._xla.experimental_get_tracing_count() == 1, "the full batch was compiled"
+    assert extractor._graph.experimental_get_tracing_count() == 1, "the partial batch ran the plain graph"
+    np.testing.assert_allclose(partial, full[:3], rtol=1e-4, atol=1e-5)  # float rounding, fused differently
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu amx_tile amx_bf16", True)])
+def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    real_path = backbones.Path
+    monkeypatch.setattr(backbones, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert backbones.cpu_has_native_bfloat16() is native
+
+
 def test_fingerprint_changes_with_everything_that_changes_the_numbers(tmp_path):
     base = load_config(None, ["backbone.name=mobilenet", "backbone.weights=random"])
     fp = backbones.fingerprint(base)

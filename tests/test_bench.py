@@ -44,7 +44,10 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert all(row["img_per_s"] > 0 and row["cpu_ms_per_image"] > 0 and row["fraction_of_matmul"] > 0
                for row in result["rates"])
     assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
-    assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu"}
+    assert rates["pipeline", "float32"]["startup_s"] > 0
+    assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu",
+                                     "ceiling_over_naive"}
+    assert result["machine"]["cpu_native_bfloat16"] in (True, False, None)
 
     assert [run["images"] for run in result["memory"]["runs"]] == [12, 24]
     assert all(run["peak_rss_mib"] > 50 for run in result["memory"]["runs"])
@@ -58,6 +61,8 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert agreement["float16_storage"]["bytes_per_row"] * 2 == agreement["float32"]["bytes_per_row"] == 256 * 4
     assert all(isinstance(check["met"], bool) for check in result["targets"].values())
     assert result["targets"]["logreg train imports TensorFlow"]["met"] is True
+    naive_target = result["targets"]["pipeline/naive float32"]
+    assert naive_target["reachable"] == pytest.approx(result["ratios"]["ceiling_over_naive"]["float32"])
     table = format_table(result)
     assert "| pipeline | bfloat16 |" in table and "targets:" in table
 
