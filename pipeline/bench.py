@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import io
 import json
 import operator
 import os
@@ -30,6 +31,7 @@ import h5py
 import numpy as np
 
 from . import backbones, images
+from .cache import feature_chunks
 from .config import Config, DataConfig, to_toml
 from .dataset import IMAGE_EXTENSIONS
 from .errors import DatasetError
@@ -110,6 +112,8 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
         result["agreement"], real_features = precision_agreement(config, options, tmp)
         # logreg on features of random weights is a pathological fit (slow, meaningless): time
         # training on real ImageNet features whenever the agreement check had them
+        if real_features:
+            result["compression"] = compression_costs(real_features)
         _say("logreg train, in a fresh process")
         result["train"] = child_stage(real_features or fp32, tmp, "train")
         result["train"]["features"] = f"{(real_features or fp32).backbone.name}, weights " + (
@@ -346,6 +350,31 @@ def precision_agreement(config: Config, options: BenchOptions, tmp: Path) -> tup
     return result, configs["float32"]
 
 
+def compression_costs(config: Config, repeats: int = 4) -> dict:
+    """What gzip and lzf would save on real feature rows, and what they cost each commit: the
+    rows are appended a batch at a time, in the cache's chunk shape, uncompressed or not."""
+    features, _ = _cached_features(config)
+    rows = np.tile(np.stack(list(features.values())), (repeats, 1)).astype(np.float32)
+    batch = config.backbone.batch_size
+    costs = {}
+    for name in ("none", "lzf", "gzip"):
+        with h5py.File(io.BytesIO(), "w") as f:
+            dataset = f.create_dataset("feature", (0, rows.shape[1]), maxshape=(None, rows.shape[1]), dtype="float32",
+                                       chunks=feature_chunks(rows.shape[1], "float32"),
+                                       compression=None if name == "none" else name)
+            started = time.perf_counter()
+            for start in range(0, len(rows), batch):
+                dataset.resize(min(start + batch, len(rows)), axis=0)
+                dataset[start:start + batch] = rows[start:start + batch]
+            f.flush()
+            costs[name] = {"bytes": dataset.id.get_storage_size(), "write_s": time.perf_counter() - started}
+    for cost in costs.values():
+        cost["saved"] = 1 - cost["bytes"] / costs["none"]["bytes"]
+        cost["write_slowdown"] = cost["write_s"] / costs["none"]["write_s"]
+    return {"features": f"{len(rows)} float32 rows of {rows.shape[1]} ({config.backbone.name}, ImageNet weights)",
+            **costs}
+
+
 def _find_agreement_weights() -> Path | None:
     spec = backbones.get_spec("mobilenet")
     candidates = [backbones.keras_weights_path(spec, 0.25),
@@ -442,6 +471,11 @@ def format_table(result: dict) -> str:
         lines += [f"  {name}: val accuracy {row['val_accuracy']:.4f}, cosine to float32 mean {row['mean_cosine']:.5f} "
                   f"min {row['min_cosine']:.5f}, {row['bytes_per_row']} bytes/row"
                   for name, row in agreement.items() if isinstance(row, dict)]
+    if "compression" in result:
+        compression = result["compression"]
+        lines.append(f"feature storage, {compression['features']}: " + "; ".join(
+            f"{name} saves {compression[name]['saved']:.0%}, writes {compression[name]['write_slowdown']:.1f}x as slow"
+            for name in ("lzf", "gzip")) + " as uncompressed")
     lines.append("targets:")
     for name, check in result["targets"].items():
         line = f"  {'met   ' if check['met'] else 'MISSED'} {name}: {check['value']!r:.6} {check['target']}"

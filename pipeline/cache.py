@@ -71,6 +71,12 @@ class FileRecord:
         return (self.size, self.mtime_ns, self.ctime_ns) == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
+def feature_chunks(feature_dim: int, dtype: str) -> tuple[int, int]:
+    """HDF5 chunk shape of the feature rows: whole rows, about _FEATURE_CHUNK_BYTES each, uncompressed
+    (gzip and lzf save little on bottleneck vectors and slow every commit; `make bench` measures it)."""
+    return max(1, _FEATURE_CHUNK_BYTES // (feature_dim * np.dtype(dtype).itemsize)), feature_dim
+
+
 def fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -277,11 +283,9 @@ class CacheWriter(FeatureCache):
         """The feature dataset is made once the model says how wide its rows are."""
         rows = self._file["rows"]
         if "feature" not in rows:
-            itemsize = np.dtype(self._dtype).itemsize
-            chunk_rows = max(1, _FEATURE_CHUNK_BYTES // (feature_dim * itemsize))
             with self._update():
                 rows.create_dataset("feature", (0, feature_dim), maxshape=(None, feature_dim),
-                                    chunks=(chunk_rows, feature_dim), dtype=self._dtype, fletcher32=True)
+                                    chunks=feature_chunks(feature_dim, self._dtype), dtype=self._dtype, fletcher32=True)
         elif rows["feature"].shape[1] != feature_dim:
             raise CacheError(f"{self.path} holds {rows['feature'].shape[1]}-d features, the model gives "
                              f"{feature_dim}-d; fix: run extract with --rebuild")

@@ -59,6 +59,9 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert agreement["bfloat16"]["min_cosine"] > 0.95, "bf16 features must stay close to float32 ones"
     assert agreement["float16_storage"]["min_cosine"] > 0.9999
     assert agreement["float16_storage"]["bytes_per_row"] * 2 == agreement["float32"]["bytes_per_row"] == 256 * 4
+    compression = result["compression"]
+    assert compression["none"]["bytes"] >= 48 * 256 * 4 and compression["none"]["saved"] == 0
+    assert all(compression[name]["bytes"] > 0 and compression[name]["write_s"] > 0 for name in ("lzf", "gzip"))
     assert all(isinstance(check["met"], bool) for check in result["targets"].values())
     assert result["targets"]["logreg train imports TensorFlow"]["met"] is True
     naive_target = result["targets"]["pipeline/naive float32"]
