@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageFilter, JpegImagePlugin
 
 from pipeline.errors import ImageError
-from pipeline.images import DEFAULT_MAX_PIXELS, content_hash, decode_image, read_and_decode, resize
+from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_BITS, content_hash, decode_image, read_and_decode, resize,
+                             resize_weights)
 
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
 
@@ -106,6 +107,25 @@ def test_resize_is_pillows_bilinear_in_exact_integers(width, height):
     np.testing.assert_array_equal(decoded, resize(np.asarray(image), 24))
     pillow = np.asarray(image.resize((24, 24), Image.Resampling.BILINEAR)).astype(int)
     assert np.abs(decoded - pillow).max() <= 1
+
+
+def _resize_tap_by_tap(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The definition, written out: each output pixel is its taps' weighted sum, rounded, per pass."""
+    def one_pass(rows):  # along the first axis
+        index, weights = resize_weights(rows.shape[0], size)
+        total = sum(rows[index[:, tap]].astype(np.int64) * weights[:, tap, None, None] for tap in range(index.shape[1]))
+        return np.clip((total + (1 << (RESIZE_BITS - 1))) >> RESIZE_BITS, 0, 255).astype(np.uint8)
+
+    across = one_pass(pixels.transpose(1, 0, 2)).transpose(1, 0, 2)
+    return one_pass(across)
+
+
+@pytest.mark.parametrize("height, width, size", [(313, 500, 299), (500, 313, 299), (1, 1, 299), (3, 1000, 224),
+                                                 (299, 299, 299), (150, 120, 224), (2000, 1500, 299)])
+def test_resize_equals_its_tap_by_tap_definition(height, width, size):
+    """resize runs as sparse integer matrix products for speed; every pixel must equal the plain sum."""
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize(pixels, size), _resize_tap_by_tap(pixels, size))
 
 
 def test_resize_to_the_same_size_changes_nothing():
