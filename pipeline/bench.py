@@ -214,7 +214,8 @@ def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -
     each batch size tried gets its own; the pipeline reuses the one for its batch size, warm."""
     precision = config.backbone.precision
     size = backbones.get_spec(config.backbone.name).input_size
-    decoded = np.stack([images.decode_image(p.read_bytes(), size) for p in _cycle(paths, max(options.batch_sizes))])
+    decoded, _, decode_cpu = _timed(lambda: np.stack([images.decode_image(p.read_bytes(), size)
+                                                      for p in _cycle(paths, max(options.batch_sizes))]))
     extractors, startup = {}, {}
 
     def ceiling(batch_size: int) -> dict:
@@ -236,6 +237,7 @@ def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -
     pipeline = _row("pipeline", precision, pipeline_batch, summary.extracted, summary.seconds, cpu)
     pipeline["backbone_busy"] = clocked.seconds / summary.seconds  # 1.0: the backbone never waited for input
     pipeline["startup_s"] = startup[pipeline_batch]  # model build and compile, paid once per process, not counted
+    pipeline["decode_cpu_ms_per_image"] = 1000 * decode_cpu / len(decoded)  # read, decode, resize: one thread
     # the load on a shared machine drifts: the ceiling is its best batch size measured just
     # before and again just after the pipeline, pooled
     after = ceiling(best["batch_size"])
@@ -460,6 +462,9 @@ def format_table(result: dict) -> str:
     lines += ["", f"peak RSS: this process {result['peak_rss_mib']:.0f} MiB; a fresh `extract` of "
               + " and ".join(f"{run['images']} images {run['peak_rss_mib']:.0f} MiB" for run in memory["runs"])
               + f" ({memory['growth']:+.1%})",
+              "reading, decoding and resizing: " + ", ".join(
+                  f"{row['decode_cpu_ms_per_image']:.1f} CPU ms/img, {row['decode_cpu_ms_per_image'] / row['cpu_ms_per_image']:.0%} "
+                  f"of the {row['precision']} pipeline's" for row in result["rates"] if row["stage"] == "pipeline"),
               f"unchanged rerun of extract: {result['rerun']['wall_s']:.2f} s wall, process start included",
               f"logreg train ({train['features']} features): {train['wall_s']:.2f} s wall, "
               f"{train['fraction_of_extract']:.1%} of the float32 pipeline's extraction time"]

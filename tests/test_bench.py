@@ -44,7 +44,7 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert all(row["img_per_s"] > 0 and row["cpu_ms_per_image"] > 0 and row["fraction_of_matmul"] > 0
                for row in result["rates"])
     assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
-    assert rates["pipeline", "float32"]["startup_s"] > 0
+    assert rates["pipeline", "float32"]["startup_s"] > 0 and rates["pipeline", "float32"]["decode_cpu_ms_per_image"] > 0
     assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu",
                                      "ceiling_over_naive"}
     assert result["machine"]["cpu_native_bfloat16"] in (True, False, None)
