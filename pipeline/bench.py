@@ -249,6 +249,7 @@ def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -
 
 
 def _first_call(config: Config, batch_size: int, batch: np.ndarray):
+    """A new extractor for `batch_size` and its first call, which builds the model and compiles it."""
     extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size))
     return extractor, extractor(batch)
 
