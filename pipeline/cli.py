@@ -10,6 +10,7 @@ how many were skipped, so `make extract train report` goes on past a few bad pho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # TensorFlow's C++ INFO and WARNING lines (XLA start-up, CPU features) would break the progress
+    # bar; errors still show, and a value the user set wins
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = load_config(args.config, args.overrides)
         if args.stage == "extract":
