@@ -223,15 +223,14 @@ class FeatureExtractor:
 
         self._graph = tf.function(infer, input_signature=signature)
         self._xla = tf.function(infer, input_signature=signature, jit_compile=True)
+        self._compile_errors = (tf.errors.UnimplementedError, tf.errors.InternalError, tf.errors.NotFoundError)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) != self.batch_size or self._xla is None:
             return self._graph(batch).numpy()
-        import tensorflow as tf
-
         try:
             return self._xla(batch).numpy()
-        except (tf.errors.UnimplementedError, tf.errors.InternalError, tf.errors.NotFoundError) as exc:
+        except self._compile_errors as exc:
             print(f"warning: XLA could not compile the backbone ({str(exc).splitlines()[0][:160]}); running it "
                   "uncompiled, which is slower", file=sys.stderr)
             self._xla = None

@@ -67,6 +67,26 @@ def test_full_batches_run_compiled_and_agree_with_partial_ones(keras_home, flowe
     np.testing.assert_allclose(partial, full[:3], rtol=1e-4, atol=1e-5)  # float rounding, fused differently
 
 
+def test_where_xla_cannot_compile_it_says_so_once_and_runs_uncompiled(capsys):
+    import tensorflow as tf
+
+    config = load_config(None, ["backbone.name=mobilenet", "backbone.alpha=0.25", "backbone.weights=random",
+                                "backbone.batch_size=2"]).backbone
+    extractor = backbones.FeatureExtractor(config)
+
+    def no_compiler(batch):
+        raise tf.errors.InternalError(None, None, "libdevice not found at ./libdevice.10.bc\nmore detail")
+
+    extractor._xla = no_compiler
+    batch = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    first, second = extractor(batch), extractor(batch)
+    warning = capsys.readouterr().err
+    assert warning.count("warning: XLA could not compile") == 1 and "libdevice not found" in warning
+    assert "more detail" not in warning, "one line"
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, extractor._graph(batch).numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16", True),
                                            ("fpu amx_tile amx_bf16", True)])
 def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path, flags, native):
