@@ -174,11 +174,11 @@ def warn_random_weights(reason: str) -> None:
     print("!" * 78 + "\n", file=sys.stderr)
 
 
-def cpu_has_native_bfloat16() -> bool | None:
+def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16, AMX, Arm BF16); None where
     the kernel does not say (no /proc/cpuinfo). Without it TensorFlow emulates bfloat16."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
         return None
     flags = {flag for line in lines if line.split(":")[0].strip() in ("flags", "Features")

@@ -26,6 +26,7 @@ DEFAULT_MAX_PIXELS = 178_956_970  # the size at which Pillow itself gives up; da
 # names this decoding in cache fingerprints: change it whenever the pixels it produces would change
 DECODE_ID = "pillow:exif-transpose,alpha-on-white,16bit-scaled,jpeg-draft,integer-triangle-22bit:v2"
 RESIZE_BITS = 22  # fixed-point precision of the resize weights (as in Pillow's own resampler)
+_INT32_BLOCK = 1 << 22  # input values widened to int32 at once while resizing: 16 MiB
 
 # Our per-call limit replaces Pillow's process-wide one, which would otherwise refuse an image
 # before a raised data.max_image_pixels is consulted (and warn from inside the thread pool).
@@ -106,11 +107,17 @@ def resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]
 
 def _resample(rows: np.ndarray, in_size: int, out_size: int, interleave: int) -> np.ndarray:
     """Resample the first axis of `rows`, which holds `in_size` groups of `interleave` rows.
-    int32 cannot overflow: the weights sum to 2**RESIZE_BITS, 255 * 2**22 plus rounding < 2**31."""
-    total = _resample_matrix(in_size, out_size, interleave) @ rows.astype(np.int32)
-    total += 1 << (RESIZE_BITS - 1)
-    total >>= RESIZE_BITS
-    return np.clip(total, 0, 255).astype(np.uint8)
+    int32 cannot overflow: the weights sum to 2**RESIZE_BITS, 255 * 2**22 plus rounding < 2**31.
+    Columns go in blocks, so a huge photo never has an int32 copy of itself (4x its size)."""
+    matrix = _resample_matrix(in_size, out_size, interleave)
+    block = max(1, _INT32_BLOCK // rows.shape[0])
+    out = np.empty((matrix.shape[0], rows.shape[1]), np.uint8)
+    for start in range(0, rows.shape[1], block):
+        total = matrix @ rows[:, start:start + block].astype(np.int32)
+        total += 1 << (RESIZE_BITS - 1)
+        total >>= RESIZE_BITS
+        out[:, start:start + block] = np.clip(total, 0, 255)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

@@ -89,12 +89,11 @@ def test_where_xla_cannot_compile_it_says_so_once_and_runs_uncompiled(capsys):
 
 @pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16", True),
                                            ("fpu amx_tile amx_bf16", True)])
-def test_native_bfloat16_is_read_from_the_cpu_flags(monkeypatch, tmp_path, flags, native):
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    real_path = backbones.Path
-    monkeypatch.setattr(backbones, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
-    assert backbones.cpu_has_native_bfloat16() is native
+    assert backbones.cpu_has_native_bfloat16(cpuinfo) is native
+    assert backbones.cpu_has_native_bfloat16(tmp_path / "missing") is None
 
 
 def test_fingerprint_changes_with_everything_that_changes_the_numbers(tmp_path):
