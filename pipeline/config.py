@@ -52,6 +52,8 @@ class BackboneConfig:
     seed: int = 0  # initialises "random" weights reproducibly
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 32
+    compile: Literal["auto", "graph", "xla"] = "auto"  # TensorFlow's execution: measured per machine, or forced
+    runtime: Literal["auto", "tensorflow", "openvino"] = "auto"  # which runtime runs it: measured, or forced
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
 
 
