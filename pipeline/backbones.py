@@ -194,33 +194,41 @@ def _warn_if_bfloat16_is_emulated() -> None:
               file=sys.stderr)
 
 
+def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "execution.LoadedBackbone":
+    """The frozen model paired with its own preprocessing: what every execution path runs."""
+    spec = get_spec(backbone.name)
+    model = build_model(backbone)
+    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+    return execution.LoadedBackbone(model, preprocess, backbone, spec.input_size, int(model.output_shape[-1]),
+                                    cache_dir=Path(cache_dir) if cache_dir is not None else None)
+
+
+def inference_function(backbone: BackboneConfig):
+    """The frozen backbone with its own preprocessing as one `tf.function`: a uint8 image batch
+    in, float32 rows out. Every runtime runs (or is converted from) this one function."""
+    return load_backbone(backbone).graph_function()
+
+
 class FeatureExtractor:
     """A frozen backbone as one function: a uint8 image batch in, float32 rows out.
 
     Preprocessing runs inside the same function, so it can never drift from the model. How
     the function is executed (plain graph, XLA, another runtime) is chosen by measurement on
-    this machine, see `execution`; `memory` is the file that remembers the choice (None:
-    measure in this process only); `path` names one path to run (the benchmark times each).
+    this machine, see `execution`, and remembered in `cache_dir` (None: measured in this
+    process only); `path` names one path to run (the benchmark times each).
     `description` says which path runs and why, once known.
     """
 
-    def __init__(self, backbone: BackboneConfig, *, memory: Path | None = None, path: str | None = None):
+    def __init__(self, backbone: BackboneConfig, *, cache_dir: Path | None = None, path: str | None = None):
         import tensorflow as tf
 
-        spec = get_spec(backbone.name)
         paths = [execution.PATHS[path]] if path else execution.candidates(backbone)
-        model = build_model(backbone)
-        preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
-        self.input_size = spec.input_size
-        self.feature_dim = int(model.output_shape[-1])
-        self.batch_size = backbone.batch_size
+        loaded = load_backbone(backbone, cache_dir)
+        self.input_size, self.feature_dim, self.batch_size = loaded.input_size, loaded.feature_dim, backbone.batch_size
         if backbone.precision == "bfloat16" and not tf.config.list_physical_devices("GPU"):
             _warn_if_bfloat16_is_emulated()
-        loaded = execution.LoadedBackbone(model, preprocess, backbone, spec.input_size, self.feature_dim,
-                                          cache_dir=Path(memory).parent if memory else None)
-        self._chooser = execution.PathChooser(
-            loaded, paths, memory=execution.ChoiceMemory(memory) if memory else None,
-            key=execution.machine_key(loaded, paths))
+        memory = execution.ChoiceMemory(loaded.cache_dir / execution.MEMORY_FILE_NAME) if loaded.cache_dir else None
+        self._chooser = execution.PathChooser(loaded, paths, memory=memory, key=execution.machine_key(loaded, paths))
 
     @property
     def description(self) -> str:

@@ -23,11 +23,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, execution, images
+from . import backbones, images
 from .cache import CacheWriter, FileRecord, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
-from .errors import ConfigError, DatasetError, ImageError
+from .errors import DatasetError, ImageError
 from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
@@ -71,12 +71,7 @@ class _Loaded:
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 make_extractor: Callable | None = None) -> ExtractSummary:
     started = time.perf_counter()
-    make_extractor = make_extractor or functools.partial(
-        backbones.FeatureExtractor, memory=Path(config.cache.dir) / execution.MEMORY_FILE_NAME)
-    for key, value, least in (("backbone.batch_size", config.backbone.batch_size, 1),
-                              ("extract.workers", config.extract.workers, 0)):
-        if value < least:
-            raise ConfigError(f"{key} = {value} is below {least}; fix: set it to {least} or more")
+    make_extractor = make_extractor or functools.partial(backbones.FeatureExtractor, cache_dir=config.cache.dir)
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)

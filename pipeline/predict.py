@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, execution, images
+from . import backbones, images
 from .cache import FeatureCache
 from .config import BackboneConfig
 from .dataset import IMAGE_EXTENSIONS
@@ -82,7 +82,7 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
     run = load_run(run_dir)
     backbone = run_backbone(run)
     make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
-        backbones.FeatureExtractor, memory=Path(run.info["cache"]).parent / execution.MEMORY_FILE_NAME)
+        backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
     paths = find_images(inputs)
     predictions = [Prediction(str(path)) for path in paths]
     features = _features(run, backbone, paths, predictions, progress, make_extractor)
