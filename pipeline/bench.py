@@ -53,6 +53,10 @@ TARGETS = {  # name: (JSON path, comparison, bound), as set in the project's iss
     "logreg train imports TensorFlow": (("train", "imported_tensorflow"), "==", False),
     "bf16 mean cosine": (("agreement", "bfloat16", "mean_cosine"), ">=", 0.999),
     "bf16 accuracy change (points)": (("agreement", "bfloat16", "accuracy_change_points"), "<=", 1.0),
+    # issue 10
+    "pipeline/ceiling mobilenet 0.25 float32": (("ratios", "small_backbone_pipeline_over_ceiling"), ">=", 0.90),
+    "small images: ours/tutorial wall": (("small_images", "ours_over_tutorial_wall"), "<=", 1.0),
+    "logreg 5000x256x97 wall s": (("logreg_fit", "wall_s"), "<=", 3.0),
 }
 # The most a pipeline could score on a target on this machine: the backbone alone against naive.
 # Where that is below the bound, the hardware rather than the pipeline decides the target.
@@ -82,6 +86,7 @@ class BenchOptions:
     naive_images: int = 24
     memory_sizes: tuple[int, int] = (500, 5000)
     agreement_weights: Path | None = None  # MobileNet v1 0.25 no-top file; None: look in the usual places
+    small_images: int = 6000  # generated ~300x200 JPEGs: our extract against the tutorials' script
 
 
 def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
@@ -101,6 +106,9 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
             _say(f"ceiling and pipeline in {precision} ({len(paths)} images)")
             result["rates"] += extraction_rates(_with(speed, backbone={"precision": precision},
                                                       cache={"dir": str(tmp / precision)}), paths, options)
+        _say("ceiling and pipeline with MobileNet v1 0.25 in float32")
+        small = _with(speed, backbone={**SMALL_BACKBONE, "precision": "float32"}, cache={"dir": str(tmp / "small")})
+        result["small_backbone_rates"] = extraction_rates(small, paths, options)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         fp32 = _with(speed, backbone={"precision": "float32"}, cache={"dir": str(tmp / "float32")},
                      run={"dir": str(tmp / "runs")}, head={"kind": "logreg"})
@@ -114,6 +122,10 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
         # training on real ImageNet features whenever the agreement check had them
         if real_features:
             result["compression"] = compression_costs(real_features)
+        _say(f"{options.small_images} generated small JPEGs: our extract against the tutorials' script")
+        result["small_images"] = small_images_race(config, options.small_images, tmp)
+        _say("logreg fit on 5000 x 256 features of 97 classes")
+        result["logreg_fit"] = logreg_fit_time()
         _say("logreg train, in a fresh process")
         result["train"] = child_stage(real_features or fp32, tmp, "train")
         result["train"]["features"] = f"{(real_features or fp32).backbone.name}, weights " + (
@@ -312,6 +324,64 @@ def memory_flatness(config: Config, paths: list[Path], sizes: tuple[int, int], t
             "growth": runs[-1]["peak_rss_mib"] / runs[0]["peak_rss_mib"] - 1}
 
 
+# The tutorials' script: every image decoded into one array, then one `model.predict`.
+_TUTORIAL = """import glob, json, sys, numpy as np, keras
+root, weights = sys.argv[1], sys.argv[2]
+model = keras.applications.MobileNet(include_top=False, pooling="avg", alpha=0.25, input_shape=(224, 224, 3),
+                                     weights=None if weights == "random" else weights)
+paths = sorted(glob.glob(root + "/*/*.jpg"))
+images = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(224, 224))) for p in paths])
+features = model.predict(keras.applications.mobilenet.preprocess_input(images), batch_size=32, verbose=0)
+kib = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("BENCH-CHILD " + json.dumps({"peak_rss_mib": kib / 1024, "rows": len(features)}))
+"""
+
+
+def small_images_race(config: Config, count: int, tmp: Path) -> dict:
+    """Generated ~300x200 JPEGs, MobileNet v1 0.25: our `extract` into a cold cache against the
+    tutorials' script, each a fresh process timed from its start to its end, peak memory too."""
+    root = tmp / "small-images"
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(count):
+        shade = rng.integers(0, 256, 3)
+        pixels = np.clip(shade + rng.normal(0, 40, (200, 300, 3)), 0, 255).astype(np.uint8)
+        target = root / f"class{i % 97:02d}" / f"{i:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(target, quality=90)
+    ours = _with(backbones.with_random_weights(config), backbone={**SMALL_BACKBONE, "precision": "float32"},
+                 cache={"dir": str(tmp / "small-images-cache")}, data={"root": str(root)})
+    result = {"images": count, "size": "300x200 JPEG", "backbone": "mobilenet alpha 0.25, float32",
+              "ours": child_stage(ours, tmp, "extract", "--no-progress")}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _TUTORIAL, str(root), "random"], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: the tutorials' script failed:\n{done.stderr[-2000:]}")
+    report = json.loads(done.stdout.rsplit("BENCH-CHILD ", 1)[1])
+    result["tutorial"] = {"wall_s": time.perf_counter() - started, "peak_rss_mib": report["peak_rss_mib"]}
+    result["ours_over_tutorial_wall"] = result["ours"]["wall_s"] / result["tutorial"]["wall_s"]
+    return result
+
+
+def logreg_fit_time(n: int = 5000, dim: int = 256, classes: int = 97) -> dict:
+    """The logistic-regression head's whole C search on features shaped like MobileNet 0.25's
+    on a 97-class photo set (synthetic: non-negative, a few informative directions)."""
+    from sklearn.datasets import make_classification
+
+    from .config import LogRegConfig
+    from .heads.logreg import LogisticRegressionHead
+
+    X, y = make_classification(n_samples=n + n // 8, n_features=dim, n_informative=80, n_redundant=40,
+                               n_classes=classes, n_clusters_per_class=1, class_sep=3.0, random_state=0)
+    X = np.maximum(X, 0).astype(np.float32)
+    head, wall, cpu = _timed(lambda: LogisticRegressionHead(LogRegConfig()).fit(X[:n], y[:n], X[n:], y[n:],
+                                                                                n_classes=classes))
+    return {"shape": [n, dim, classes], "wall_s": wall, "cpu_s": cpu, "C": head.C_,
+            "val_accuracy": max(h["val_accuracy"] for h in head.history_)}
+
+
 def _is_jpeg(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(2) == b"\xff\xd8"
@@ -418,6 +488,8 @@ def _add_ratios(result: dict) -> None:
         # the same in CPU time per image: less sensitive to other processes on a shared machine
         "pipeline_over_ceiling_cpu": {p: rows["ceiling", p]["cpu_ms_per_image"] / rows["pipeline", p]["cpu_ms_per_image"]
                                       for p in PRECISIONS}}
+    small = {row["stage"]: row for row in result["small_backbone_rates"]}
+    result["ratios"]["small_backbone_pipeline_over_ceiling"] = small["pipeline"]["img_per_s"] / small["ceiling"]["img_per_s"]
     pipeline_seconds = rows["pipeline", "float32"]["seconds"]
     result["train"]["fraction_of_extract"] = result["train"]["wall_s"] / pipeline_seconds
 
@@ -469,6 +541,17 @@ def format_table(result: dict) -> str:
               f"unchanged rerun of extract: {result['rerun']['wall_s']:.2f} s wall, process start included",
               f"logreg train ({train['features']} features): {train['wall_s']:.2f} s wall, "
               f"{train['fraction_of_extract']:.1%} of the float32 pipeline's extraction time"]
+    small = {row["stage"]: row for row in result["small_backbone_rates"]}
+    lines.append(f"mobilenet 0.25 float32: ceiling {small['ceiling']['img_per_s']:.1f} img/s ({small['ceiling']['path']}, "
+                 f"batch {small['ceiling']['batch_size']}), pipeline {small['pipeline']['img_per_s']:.1f} img/s "
+                 f"({small['pipeline']['path']}): {result['ratios']['small_backbone_pipeline_over_ceiling']:.2f}")
+    race = result["small_images"]
+    lines.append(f"{race['images']} small JPEGs, {race['backbone']}: our extract {race['ours']['wall_s']:.1f} s, "
+                 f"{race['ours']['peak_rss_mib']:.0f} MiB; the tutorials' script {race['tutorial']['wall_s']:.1f} s, "
+                 f"{race['tutorial']['peak_rss_mib']:.0f} MiB (wall from process start to end)")
+    fit = result["logreg_fit"]
+    lines.append(f"logreg C search on {' x '.join(map(str, fit['shape']))}: {fit['wall_s']:.2f} s wall, "
+                 f"{fit['cpu_s']:.2f} CPU s")
     agreement = result["agreement"]
     if "skipped" in agreement:
         lines.append(f"precision agreement: skipped ({agreement['skipped']})")

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                               "memory and bf16 agreement; see README")
     bench.add_argument("--images", type=Path, help="folder of photos to extract (default: ../shared/datasets/flowers5)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON results (default: %(default)s)")
+    bench.add_argument("--small-images", type=int, default=6000, metavar="N",
+                       help="generated ~300x200 JPEGs raced against the tutorials' script (default: %(default)s)")
     bench.add_argument("--memory-sizes", nargs=2, type=int, default=[500, 5000], metavar="N",
                        help="the two image counts of the peak-memory check (default: 500 5000)")
     predict = stages.add_parser("predict", parents=[common], help="score new images with a trained run: JSON lines "
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "bench":
             from .bench import BenchOptions, format_table, run_bench, write_json
 
-            options = BenchOptions(images=args.images or BenchOptions.images, memory_sizes=tuple(args.memory_sizes))
+            options = BenchOptions(images=args.images or BenchOptions.images, memory_sizes=tuple(args.memory_sizes),
+                                   small_images=args.small_images)
             result = run_bench(config, options)
             write_json(result, args.out)
             print(format_table(result))

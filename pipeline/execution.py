@@ -155,13 +155,19 @@ def machine_key(backbone: LoadedBackbone, paths: list[ExecutionPath]) -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     config = backbone.config
     return {
-        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu_model(), "cores": usable_cores(),
         "device": "GPU: " + ", ".join(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
                                        for gpu in gpus) if gpus else "CPU",
         "backbone": config.name, "alpha": config.alpha, "input_size": backbone.input_size,
         "precision": config.precision, "batch_size": config.batch_size,
         "paths": {path.name: path.version() for path in paths},
     }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share),
+    not every core of the machine, which is what os.cpu_count() says."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

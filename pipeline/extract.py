@@ -3,8 +3,9 @@
 Only what the cache lacks is computed. A file whose path, size and mtime match the index
 is not even re-read; a renamed or touched file is re-hashed but not re-decoded; only new
 content reaches the backbone. Decoding runs in a thread pool ahead of inference, so the
-backbone (which releases the GIL) is kept busy, and each batch is committed before the
-next, so a crash loses at most the batch in flight.
+backbone (which releases the GIL) is kept busy, and each batch is committed in its own
+all-or-nothing commit on a commit thread while the backbone computes the next one, so a
+crash loses at most the two batches in flight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
+from . import backbones, execution, images
 from .cache import CacheWriter, FileRecord, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
@@ -92,15 +93,23 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             nonlocal extractor
             if extractor is None:
                 extractor = make_extractor(config.backbone)
-            cache.ensure_feature_dim(extractor.feature_dim)
+                wait_for_commit()  # the cache is touched by one thread at a time
+                cache.ensure_feature_dim(extractor.feature_dim)
             return extractor
 
         size = backbones.get_spec(config.backbone.name).input_size
         load = _loader(size, config.data.max_image_pixels, known)
-        workers = config.extract.workers or os.cpu_count() or 1
+        workers = config.extract.workers or execution.usable_cores()
         batch: list[_Loaded] = []
         pending_files: list[tuple[str, FileRecord]] = []
         pending_failures: list[tuple[str, str, str]] = []
+
+        committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        in_flight: list[Future] = []  # at most one commit, written while the backbone computes the next batch
+
+        def wait_for_commit():
+            if in_flight:
+                in_flight.pop().result()  # a failed write raises here, with its one-line error
 
         def commit():
             if not (batch or pending_files or pending_failures):
@@ -114,7 +123,8 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 keys = list(fresh)
                 summary.backbone_batches += 1
             files = pending_files + [(item.entry.relpath, item.record) for item in batch]
-            cache.commit(keys, feature_rows, files, pending_failures)
+            wait_for_commit()
+            in_flight.append(committer.submit(cache.commit, keys, feature_rows, files, list(pending_failures)))
             known.update(keys)
             known.update(key for key, _, _ in pending_failures)
             summary.extracted += len(keys)
@@ -122,7 +132,8 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
 
         bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
                    dynamic_ncols=True, file=sys.stderr)
-        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        # leaving `committer` waits for the commit in flight, also on an error, before the cache closes
+        with committer, ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
             for item in _prefetch(pool, load, stale, depth=4 * config.backbone.batch_size):
                 if item.error is not None:
                     if item.record.key not in known:
@@ -138,6 +149,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                     commit()
                 bar.update()
             commit()
+            wait_for_commit()
         bar.close()
         summary.execution = getattr(extractor, "description", "")
         if summary.extracted:

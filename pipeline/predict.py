@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import glob
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
+from . import backbones, execution, images
 from .cache import FeatureCache
 from .config import BackboneConfig
 from .dataset import IMAGE_EXTENSIONS
@@ -190,7 +189,7 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode") as pool:
+        with ThreadPoolExecutor(execution.usable_cores(), thread_name_prefix="decode") as pool:
             for prediction, item in zip(predictions, _prefetch(pool, load, paths, depth=4 * backbone.batch_size)):
                 bar.update()
                 if item.error is not None:

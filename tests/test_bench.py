@@ -27,7 +27,7 @@ def tiny_jpegs(tmp_path):
 def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jpegs, keras_home):
     config = tiny_config(tmp_path, tiny_jpegs)  # MobileNet v1 0.25, batch size 8
     options = BenchOptions(images=tiny_jpegs, batch_sizes=(4, 8), ceiling_images=8, naive_images=2,
-                           memory_sizes=(12, 24))
+                           memory_sizes=(12, 24), small_images=16)
     write_json(run_bench(config, options), tmp_path / "bench.json")
     result = json.loads((tmp_path / "bench.json").read_text())
 
@@ -48,7 +48,13 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
     assert rates["pipeline", "float32"]["startup_s"] > 0 and rates["pipeline", "float32"]["decode_cpu_ms_per_image"] > 0
     assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu",
-                                     "ceiling_over_naive"}
+                                     "ceiling_over_naive", "small_backbone_pipeline_over_ceiling"}
+    small = {row["stage"]: row for row in result["small_backbone_rates"]}
+    assert small["pipeline"]["images"] == 12 and small["pipeline"]["path"].startswith("tensorflow-")
+    race = result["small_images"]
+    assert race["images"] == 16 and race["ours"]["wall_s"] > 0 and race["tutorial"]["wall_s"] > 0
+    assert race["ours"]["peak_rss_mib"] > 50 and race["tutorial"]["peak_rss_mib"] > 50
+    assert result["logreg_fit"]["shape"] == [5000, 256, 97] and result["logreg_fit"]["val_accuracy"] > 0.5
     assert result["machine"]["cpu_native_bfloat16"] in (True, False, None)
 
     assert [run["images"] for run in result["memory"]["runs"]] == [12, 24]

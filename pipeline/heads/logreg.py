@@ -7,7 +7,6 @@ exactly as standardisation plus one softmax layer.
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ..config import LogRegConfig
+from ..execution import usable_cores
 
 FILE_NAME = "head.h5"
 _CHAINS = 2  # warm-started chains of C values, fitted side by side
@@ -62,8 +62,7 @@ class LogisticRegressionHead:
                                model.classes_.copy()))
             return fitted
 
-        workers = max(1, min(len(chains), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else os.cpu_count() or 1))
+        workers = min(len(chains), usable_cores())
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             fitted = sorted((fit for chain in pool.map(fit_chain, [chain for chain in chains if chain]) for fit in chain),
                             key=lambda fit: fit[0])
