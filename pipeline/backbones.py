@@ -223,6 +223,7 @@ class FeatureExtractor:
         import tensorflow as tf
 
         paths = [execution.PATHS[path]] if path else execution.candidates(backbone)
+        execution.use_usable_cores_in_tensorflow()
         loaded = load_backbone(backbone, cache_dir)
         self.input_size, self.feature_dim, self.batch_size = loaded.input_size, loaded.feature_dim, backbone.batch_size
         if backbone.precision == "bfloat16" and not tf.config.list_physical_devices("GPU"):
