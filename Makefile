@@ -1,6 +1,7 @@
 # Thin layer over `python -m pipeline`. Every target sets up .venv on first use.
 #   make demo                                 extract + train + report on the embedded digits
 #   make extract CONFIG=configs/flowers5.toml  (also train, report)
+#   make extract ENGINE=dask [ADDRESS=tcp://sched:8786]   the same extract on a Dask cluster (pip install -e '.[dask]')
 #   make train SET="head.kind=dense head.dense.dropout=0.3"
 #   make predict RUN=runs/flowers5/<run> INPUT=new_photos/ [THRESHOLD=0.6]   (RUN defaults to the newest run)
 #   make export RUN=runs/flowers5/<run>       .keras + SavedModel + TFLite in <run>/export, checked against the report
@@ -8,6 +9,7 @@
 #   make compare                              this dataset's runs side by side (terminal + runs/<dataset>/compare.html)
 #   make baseline [EPOCHS=100 IMAGE_SIZE=96]  a small CNN from scratch on the raw images, for comparison
 #   make bench [IMAGES=dir]                   extraction speed, memory and bf16 agreement (runs/bench.json)
+#   make bench BIG_CACHE=1                    both heads on a synthetic 1,000,000 x 1,280 cache: time and peak memory
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,7 +22,7 @@ ARGS   := --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 demo: extract train report
 
 extract: $(VENV)/.installed
-	$(PY) -m pipeline extract $(ARGS)
+	$(PY) -m pipeline extract $(ARGS) $(if $(ENGINE),--engine $(ENGINE)) $(if $(ADDRESS),--address $(ADDRESS))
 
 train: $(VENV)/.installed
 	$(PY) -m pipeline train $(ARGS)
@@ -45,7 +47,7 @@ baseline: $(VENV)/.installed
 	$(PY) -m pipeline baseline $(ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
 bench: $(VENV)/.installed
-	$(PY) -m pipeline bench $(ARGS) $(if $(IMAGES),--images $(IMAGES))
+	$(PY) -m pipeline bench $(ARGS) $(if $(IMAGES),--images $(IMAGES)) $(if $(BIG_CACHE),--big-cache)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

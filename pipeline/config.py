@@ -57,7 +57,12 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    workers: int = 0  # image decoding threads; 0 picks one per core
+    workers: int = 0  # image decoding threads; 0 picks one per core (on a Dask worker: its share of the cores)
+    engine: Literal["local", "dask"] = "local"  # dask: shards of images on a Dask cluster (pip install '.[dask]')
+    address: str = ""  # the Dask scheduler, e.g. tcp://host:8786; empty: a local cluster, one worker per core
+    shard_size: int = 256  # images per Dask task (and per shard file)
+    dask_workers: int = 0  # worker processes of a local Dask cluster; 0: one per core
+    retries: int = 2  # times a shard is run again after an error on its worker
 
 
 @dataclass(frozen=True)
