@@ -52,7 +52,7 @@ class ExtractorPlugin(WorkerPlugin):
 
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
             tf.config.threading.set_inter_op_parallelism_threads(min(2, self.threads))
-            self.extractor = backbones.FeatureExtractor(self.config.backbone)
+            self.extractor = backbones.FeatureExtractor(self.config.backbone, cache_dir=self.config.cache.dir)
             self.builds += 1
         return self.extractor
 

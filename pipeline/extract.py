@@ -10,6 +10,7 @@ next, so a crash loses at most the batch in flight.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import sys
@@ -26,7 +27,7 @@ from . import backbones, images
 from .cache import CacheWriter, FileRecord, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
-from .errors import ConfigError, DatasetError, ImageError
+from .errors import DatasetError, ImageError
 from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
@@ -43,11 +44,14 @@ class ExtractSummary:
     backbone_batches: int = 0
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
     failed_shards: list[str] = field(default_factory=list)  # Dask engine: one line per shard that kept failing
+    execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
 
     def describe(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
                  f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
+        if self.execution:
+            lines.append(self.execution)
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
@@ -72,15 +76,9 @@ class Loaded:
 
 
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
-                make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
+                make_extractor: Callable | None = None) -> ExtractSummary:
     started = time.perf_counter()
-    for key, value, least in (("backbone.batch_size", config.backbone.batch_size, 1),
-                              ("extract.workers", config.extract.workers, 0),
-                              ("extract.shard_size", config.extract.shard_size, 1),
-                              ("extract.dask_workers", config.extract.dask_workers, 0),
-                              ("extract.retries", config.extract.retries, 0)):
-        if value < least:
-            raise ConfigError(f"{key} = {value} is below {least}; fix: set it to {least} or more")
+    make_extractor = make_extractor or functools.partial(backbones.FeatureExtractor, cache_dir=config.cache.dir)
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)
@@ -113,6 +111,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             bar.close()
             summary.extracted, summary.backbone_batches = counts.extracted, counts.backbone_batches
             summary.reused += counts.reused
+            summary.execution = getattr(extractor, "description", "")
         if summary.extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)
