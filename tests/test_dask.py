@@ -107,7 +107,7 @@ def test_a_dask_cluster_writes_the_local_extracts_cache_and_builds_the_model_onc
             *cli_args(tiny_config(tmp_path, photos))]
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"0 extracted, {len(local_cache['files']) - 6} already cached" in result.stdout
+    assert f"0 extracted, {len(local_cache['files'])} already cached" in result.stdout
 
 
 def test_a_worker_killed_mid_shard_loses_nothing(tmp_path, photos, local_cache, cluster):
@@ -170,3 +170,20 @@ def _rows(path: Path) -> int:
             return len(cache.row_index())
     except Exception:  # not written yet
         return 0
+
+
+def test_a_worker_whose_weights_differ_from_the_fingerprint_refuses_in_one_line_naming_its_host(tmp_path, photos):
+    import socket
+
+    from pipeline import backbones
+    from pipeline.dask_worker import ExtractorPlugin, WorkerRefused
+
+    weights = tmp_path / "weights.h5"
+    weights.write_bytes(b"the driver's weights")
+    config = tiny_config(tmp_path, photos, **{"backbone.weights": str(weights)})
+    fingerprint = backbones.fingerprint(config)
+    weights.write_bytes(b"another version on this worker")
+    with pytest.raises(WorkerRefused) as refused:
+        ExtractorPlugin(config, fingerprint, {}).get_extractor()
+    message = str(refused.value)
+    assert "\n" not in message and socket.gethostname() in message and "sha256=" in message
