@@ -86,6 +86,21 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Training the top of the backbone with the head, starting from a trained head run."""
+    unfreeze: float = 0.5  # below 1: that share of the backbone's weighted layers, from the top; 1 or more: blocks
+    learning_rate: float = 1e-4  # Adam's peak rate, reached after the warm-up
+    warmup_epochs: float = 1.0  # linear warm-up from zero, so the first steps cannot wreck the trained head
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up: cosine decay to zero at `epochs`
+    epochs: int = 12  # upper bound; early stopping on validation ends sooner
+    patience: int = 4  # epochs without a better validation accuracy (ties: lower loss) before stopping
+    batch_size: int = 32
+    augment: bool = True  # mirror, zoom-and-crop, brightness and contrast, in tf.data
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs"
 
@@ -97,6 +112,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
