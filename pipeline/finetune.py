@@ -105,7 +105,6 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
     """
     started = time.perf_counter()
     settings = config.finetune
-    check_unfreeze(settings.unfreeze)
     start = load_run(start_dir or latest_head_run(config))
     if whole_model(start.info) is not None:
         raise ConfigError(f"{start.dir} is not a head trained on cached features; fix: pass --run with a run "
@@ -153,7 +152,7 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
                 for i in range(len(fitted.history["loss"]))]
     best = history[keep.best_epoch]
     record = model_record(spec.input_size)
-    run_dir = new_run_dir(config_for_run_name(start.config))
+    run_dir = new_run_dir(start.config, f"{spec.name}-{KIND}")
     model.save(run_dir / record["file"])
     params = {"unfreeze": settings.unfreeze, "unfrozen_layers": unfrozen.layers, "learning_rate": settings.learning_rate,
               "warmup_epochs": settings.warmup_epochs, "schedule": settings.schedule, "augment": settings.augment,
@@ -179,12 +178,6 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
         result.warnings.append(f"fine-tuned validation accuracy {result.val_accuracy:.4f} is not above the frozen "
                                f"head's {result.frozen_val_accuracy:.4f}; run.json keeps both")
     return result
-
-
-def check_unfreeze(amount: float) -> None:
-    if not (0 < amount < 1 or (amount >= 1 and amount == int(amount))):
-        raise ConfigError(f"finetune.unfreeze = {amount!r}: give a share of layers between 0 and 1 (e.g. 0.5) or a "
-                          "whole number of blocks (e.g. 2)")
 
 
 @dataclass
@@ -245,13 +238,6 @@ def class_weights(y: np.ndarray, settings: FinetuneConfig) -> dict | None:
         return None
     present = np.unique(y)
     return dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y)))
-
-
-def config_for_run_name(config: Config) -> Config:
-    """The run folder is named <time>-<backbone>-finetuned."""
-    import dataclasses
-
-    return dataclasses.replace(config, head=dataclasses.replace(config.head, kind=KIND))
 
 
 def _extract_seconds(start: Run) -> float | None:
