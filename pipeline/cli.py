@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             _print_result(result)
             _print_report(*run_report(result.run_dir))
         elif args.stage in ("sweep", "compare"):
-            from .compare import format_table, run_compare, run_sweep
+            from .compare import format_ladder, format_table, run_compare, run_sweep
 
             if args.stage == "sweep":
                 run_sweep(args.config, args.overrides, args.vary, progress=not args.no_progress)
             rows, html_path = run_compare(config)
             print(format_table(rows))
+            print()
+            print(format_ladder(rows))
             print(f"compare: {html_path}")
         elif args.stage == "bench":
             from .bench import BenchOptions, format_table, run_bench, write_json

@@ -143,7 +143,7 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
     bar = tqdm(total=settings.epochs * steps, unit="step", desc="finetune", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        fitted = model.fit(train, validation_data=val, epochs=settings.epochs, verbose=0,
+        fitted = model.fit(train, validation_data=val, epochs=settings.epochs, verbose=0, shuffle=False,  # tf.data does
                            class_weight=class_weights(data["train"][1], settings),
                            callbacks=[keep, timer, TrainingBar(bar, settings.epochs)])
     finally:
@@ -168,7 +168,8 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
             "label_conflict_files": _conflict_files(start, image_root is not None),
             "fingerprint": start.info["fingerprint"], "cache": None, "dataset": start.info["dataset"],
             "extract_seconds": _extract_seconds(start), "train_seconds": start.info.get("train_seconds"),
-            "finetune_seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "finetune_seconds": seconds, "kept_by": "best validation accuracy, ties by loss; epoch 0 is the frozen head",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_run(run_dir, start.config, start.labels, start.samples, info, history)
     result = FinetuneResult(run_dir, start.dir, start.labels, start.info["split_sizes"],
                             f"{spec.name}: {unfrozen.describe()} + {start.info['head']} head from {start.dir.name}",
@@ -194,15 +195,14 @@ class Unfrozen:
 def unfreeze(backbone, block_end: str, amount: float) -> Unfrozen:
     """Make the top of the backbone trainable, every BatchNormalization layer excepted.
 
-    `amount` below 1 is the share of the backbone's weighted layers (BatchNorm included in
-    the count, so the cut falls where the layers are), from the top; a whole number is a count
-    of blocks, each ending at a layer whose name matches `block_end`; more blocks than the
-    backbone has unfreezes it all.
+    `amount` below 1 is the share of the backbone's weighted layers (convolutions and dense
+    layers; BatchNorm, which stays frozen, is not counted), from the top; a whole number is a
+    count of blocks, each ending at a layer whose name matches `block_end`; more blocks than
+    the backbone has unfreezes it all.
     """
-    import keras
-
     layers = backbone.layers
-    weighted = [i for i, layer in enumerate(layers) if layer.weights]
+    weighted = [i for i, layer in enumerate(layers)
+                if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
     blocks = None
     if amount < 1:
         cut = weighted[len(weighted) - max(1, round(len(weighted) * amount))]
@@ -213,15 +213,11 @@ def unfreeze(backbone, block_end: str, amount: float) -> Unfrozen:
     backbone.trainable = True
     for i, layer in enumerate(layers):
         layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
-    trainable = [i for i in weighted if layers[i].trainable]
-    bn = sum(isinstance(layers[i], keras.layers.BatchNormalization) for i in weighted)
-    return Unfrozen(len(trainable), len(weighted) - bn, blocks)
+    return Unfrozen(sum(layers[i].trainable for i in weighted), len(weighted), blocks)
 
 
 def learning_schedule(settings: FinetuneConfig, steps_per_epoch: int):
     """Linear warm-up from zero to the peak rate, then cosine decay to zero at the last epoch (or constant)."""
-    import keras
-
     warmup = max(1, round(settings.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, settings.epochs * steps_per_epoch)
     if settings.schedule == "constant":
