@@ -139,6 +139,8 @@ class BackboneConfig(Section, key="backbone"):
     seed: int = setting(0, **SEED)  # initialises "random" weights reproducibly
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = setting(32, at_least=1)
+    compile: Literal["auto", "graph", "xla"] = "auto"  # TensorFlow's execution: measured per machine, or forced
+    runtime: Literal["auto", "tensorflow", "openvino"] = "auto"  # which runtime runs it: measured, or forced
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
 
 

@@ -78,7 +78,7 @@ class PredictResult:
 
 
 def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None = None, out_path: Path | None = None,
-                progress: bool = True, make_extractor: Callable = backbones.FeatureExtractor) -> PredictResult:
+                progress: bool = True, make_extractor: Callable | None = None) -> PredictResult:
     started = time.perf_counter()
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
@@ -88,6 +88,8 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
     predictions = [Prediction(str(path)) for path in paths]
     if record is None:  # a head on the frozen backbone's features, cached or computed here
         backbone = run_backbone(run)
+        make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
+            backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
         features = _rows(run, paths, predictions, progress, size=backbones.get_spec(backbone.name).input_size,
                          batch_size=backbone.batch_size, compute=lambda: make_extractor(backbone), use_cache=True)
     else:  # the run's whole model on every image: its backbone is not the one whose features were cached
