@@ -153,6 +153,7 @@ class ExtractConfig(Section, key="extract"):
 class LogRegConfig(Section, key="head.logreg"):
     c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
     max_iter: int = setting(1000, at_least=1)
+    tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 
 @dataclass(frozen=True)
