@@ -32,7 +32,7 @@ from pipeline.extract import run_extract
 from pipeline.features import open_cache
 
 from conftest import REPO, TRIAL_SEED, tiny_config, write_image
-from pipeline_helpers import KeptExtractor, cli_args
+from pipeline_helpers import KeptExtractor, class_folders, cli_args, wait_for
 
 FP = {"backbone": "test", "weights": "synthetic"}
 DIM = 16
@@ -209,10 +209,7 @@ KILL_TRIALS = 10
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Two classes of 60 small photos and two broken files, so that commits carry failures too."""
-    root = tmp_path_factory.mktemp("kill") / "photos"
-    for c, label in enumerate(("wolf", "sheep")):
-        for i in range(60):
-            write_image(root / label / f"{label} {i:03d}.png", seed=1000 * c + i)
+    root = class_folders(tmp_path_factory.mktemp("kill") / "photos", "{label} {i:03d}.png", 1000, wolf=60, sheep=60)
     (root / "wolf" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (root / "sheep" / "empty.png").write_bytes(b"")
     return root
@@ -220,14 +217,6 @@ def photos(tmp_path_factory):
 
 def _config(tmp_path: Path, root: Path, cache_dir: Path):
     return tiny_config(tmp_path, root, **{"cache.dir": str(cache_dir), "backbone.batch_size": 2})
-
-
-def _wait_for(condition, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the extract subprocess neither progressed nor ended")
-        time.sleep(0.002)
 
 
 def _kill_at_random_moment(config, rng: random.Random, window: list[float], log: Path) -> str:
@@ -242,12 +231,12 @@ def _kill_at_random_moment(config, rng: random.Random, window: list[float], log:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--no-progress", *cli_args(config)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for(lambda: path.exists() or process.poll() is not None)
+        wait_for(lambda: path.exists() or process.poll() is not None)
         if rng.random() < 0.25:
             phase, delay = "starting", rng.uniform(0, 1.5)
         else:
             size = path.stat().st_size if path.exists() else 0
-            _wait_for(lambda: not path.exists() or path.stat().st_size != size or process.poll() is not None)
+            wait_for(lambda: not path.exists() or path.stat().st_size != size or process.poll() is not None)
             phase, delay = "extracting", rng.uniform(0, window[0])
         started = time.monotonic()
         while time.monotonic() < started + delay and process.poll() is None:
@@ -309,9 +298,7 @@ def test_kill_9_at_random_moments_during_a_real_extract(tmp_path, photos):
 def test_disk_full_during_extract_is_one_clear_error_and_a_rerun_completes(tmp_path, capsys):
     """The file size limit (RLIMIT_FSIZE) makes the kernel refuse writes past it, as a full disk does."""
     root = tmp_path / "long names"
-    for c, label in enumerate(("wolf", "sheep")):
-        for i in range(24):
-            write_image(root / label / f"{'a rather long file name ' * 7}{i:02d}.png", seed=300 * c + i)
+    class_folders(root, "a rather long file name " * 7 + "{i:02d}.png", 300, wolf=24, sheep=24)
     clean_config = tiny_config(tmp_path, root, **{"cache.dir": str(tmp_path / "clean"), "backbone.batch_size": 4})
     clean_summary = run_extract(clean_config, progress=False, make_extractor=KeptExtractor)
     fp = backbones.fingerprint(clean_config)
@@ -344,10 +331,7 @@ def test_disk_full_during_extract_is_one_clear_error_and_a_rerun_completes(tmp_p
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("damage")
-    root = tmp_path / "tiny"
-    for c, label in enumerate(("cat", "dog", "owl")):
-        for i in range(8):
-            write_image(root / label / f"{label}_{i}.png", seed=100 * c + i)
+    root = class_folders(tmp_path / "tiny", cat=8, dog=8, owl=8)
     config = tiny_config(tmp_path, root)
     return config, run_extract(config, progress=False, make_extractor=KeptExtractor).cache_path
 
