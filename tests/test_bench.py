@@ -35,7 +35,7 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
 
     assert result["machine"]["device"].startswith(("CPU: ", "GPU: "))
     assert {"tensorflow", "keras", "numpy", "h5py", "pillow", "python"} <= set(result["machine"]["versions"])
-    assert len(result["load_before"]) == 3 and result["matmul_gflops"] >= 5  # any current core, one thread
+    assert len(result["load_before"]) == 3 and result["matmul_gflops"] > 0  # measured: only its uses are checked
     assert result["backbone"]["convolutions"] == 27  # MobileNet v1: 1 stem + 13 depthwise + 13 pointwise
     assert result["backbone"]["gflop_per_image"] == pytest.approx(0.0815, abs=1e-3)
     rates = {(row["stage"], row["precision"]): row for row in result["rates"]}
@@ -46,7 +46,9 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert {"tensorflow-graph batch 4", "tensorflow-xla batch 8"} <= set(rates["ceiling", "float32"]["paths_tried"])
     assert rates["pipeline", "float32"]["path"] in ("tensorflow-graph", "tensorflow-xla"), "the chosen path is recorded"
     for row in result["rates"]:  # each rate is what its own counts and times say
-        assert row["images"] >= 2 and row["seconds"] > 0 and 0 < row["fraction_of_matmul"] < 2
+        assert row["images"] >= 2 and row["seconds"] > 0
+        assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / result["matmul_gflops"])
+        assert row["gflops"] == pytest.approx(row["img_per_s"] * result["backbone"]["gflop_per_image"], rel=1e-3)
         assert row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
         assert row["cpu_ms_per_image"] == pytest.approx(1000 * row["cpu_seconds"] / row["images"])
     assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
