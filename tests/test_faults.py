@@ -476,8 +476,11 @@ PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "jobl
 
 
 def _unsafe_loads(tree: ast.AST) -> list[str]:
-    """Imports of pickling modules, and calls that would unpickle or run stored code."""
+    """Imports of pickling modules, and calls that would unpickle or run stored code. A function of
+    our own named `load_model` is not Keras': only Keras' (by attribute, or imported by name) is checked."""
     found = []
+    keras_names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and (node.module or "").split(".")[0] in ("keras", "tensorflow") for alias in node.names}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
@@ -489,15 +492,17 @@ def _unsafe_loads(tree: ast.AST) -> list[str]:
                 found.append(ast.unparse(node))
             if called.endswith(("np.load", "numpy.load")) and "allow_pickle" not in flags:
                 found.append(f"{ast.unparse(node)} (np.load without allow_pickle=False)")
-            if called.endswith(("read_pickle", "torch.load", "load_model")) and "safe_mode" not in flags:
+            keras_load = called.endswith(".load_model") or called in keras_names and called == "load_model"
+            if (called.endswith(("read_pickle", "torch.load")) or keras_load) and "safe_mode" not in flags:
                 found.append(ast.unparse(node))
     return found
 
 
 def test_nothing_on_any_load_path_can_unpickle(tmp_path, tiny_dataset):
     planted = ast.parse("import pickle\nfrom joblib import load\nnp.load(f)\nnp.load(f, allow_pickle=True)\n"
-                        "keras.saving.load_model(p, safe_mode=False)\nkeras.saving.load_model(p)")
-    assert len(_unsafe_loads(planted)) == 6  # the scan finds what it looks for
+                        "keras.saving.load_model(p, safe_mode=False)\nkeras.saving.load_model(p)\n"
+                        "from keras.models import load_model\nload_model(p)")
+    assert len(_unsafe_loads(planted)) == 7  # the scan finds what it looks for
     sources = sorted((REPO / "pipeline").rglob("*.py"))
     assert len(sources) > 10
     found = {str(path.relative_to(REPO)): hits for path in sources
