@@ -52,6 +52,7 @@ class BackboneConfig:
     seed: int = 0  # initialises "random" weights reproducibly
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = 32
+    pool_blocks: int = 1  # the last N blocks, each globally average-pooled and concatenated (a new cache)
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
 
 
@@ -61,9 +62,18 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    views: int = 0  # augmented views cached per image (random crop, flip, colour jitter); train uses them
+
+
+@dataclass(frozen=True)
 class LogRegConfig:
     c_values: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
     max_iter: int = 1000
+    # tried with each C; the best on validation is kept
+    normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2"])
+    view_weights: list[float] = field(default_factory=lambda: [0.0, 0.3, 1.0])  # weight of a view's row
+    blocks: list[int] = field(default_factory=lambda: [1, 2])  # pooled blocks used, of those the cache holds
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class DenseConfig:
 @dataclass(frozen=True)
 class HeadConfig:
     kind: Literal["logreg", "dense"] = "logreg"
+    tta: Literal["none", "flip"] = "none"  # flip: score the average of the clean and mirrored features
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
 
@@ -96,6 +107,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

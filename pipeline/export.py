@@ -35,7 +35,7 @@ import numpy as np
 from . import backbones, images
 from .cache import FeatureCache
 from .errors import PipelineError
-from .features import dataset_from_config
+from .features import dataset_from_config, scoring_features
 from .heads import load_head
 from .predict import run_backbone
 from .runs import Run, load_run
@@ -78,7 +78,7 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     shutil.rmtree(out_dir / "saved_model", ignore_errors=True)  # a previous export of this run
     for stale in ("model.keras", "model.tflite", "export.json"):
         (out_dir / stale).unlink(missing_ok=True)
-    model = build_model(backbone, head, len(run.labels))
+    model = build_model(backbone, head, len(run.labels), tta=run.config.head.tta)
     model.save(out_dir / "model.keras")
     write_saved_model(model, run.labels, size, out_dir / "saved_model")
     (out_dir / "labels.json").write_text(json.dumps(run.labels, indent=1), encoding="utf-8")
@@ -105,8 +105,12 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     return result
 
 
-def build_model(backbone_config, head, n_classes: int):
-    """Pixels in, probabilities out: preprocessing layers, the frozen backbone, the head."""
+def build_model(backbone_config, head, n_classes: int, tta: str = "none"):
+    """Pixels in, probabilities out: preprocessing layers, the frozen backbone, the head.
+
+    With flip TTA the backbone also sees the mirrored pixels (a fixed permutation kernel, exact)
+    and the two feature vectors are averaged, as the report scored them.
+    """
     import keras
 
     spec = backbones.get_spec(backbone_config.name)
@@ -114,8 +118,22 @@ def build_model(backbone_config, head, n_classes: int):
     x = inputs
     for layer in _preprocessing_layers(spec.module):
         x = layer(x)
-    x = backbones.build_model(backbone_config)(x, training=False)
+    backbone = backbones.build_model(backbone_config)
+    if tta == "flip":
+        size = spec.input_size
+        mirror = keras.layers.Dense(size, use_bias=False, trainable=False, name="mirror")
+        mirror.build((None, size))
+        mirror.set_weights([np.eye(size, dtype=np.float32)[::-1]])
+        mirrored = keras.layers.Permute((1, 3, 2))(mirror(keras.layers.Permute((1, 3, 2))(x)))
+        x = keras.layers.Average(name="flip_tta")([backbone(x, training=False), backbone(mirrored, training=False)])
+    else:
+        x = backbone(x, training=False)
     if head.kind == "logreg":
+        if head.normalization_ == "sqrt":
+            raise PipelineError("a head with normalization = \"sqrt\" has no stock Keras layer to export it; fix: "
+                                "train with head.logreg.normalizations = [\"none\", \"l2\"]")
+        if head.normalization_ == "l2":
+            x = keras.layers.UnitNormalization(name="l2_normalise")(x)
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
         scale = head.scale_.astype(np.float32)
         x = keras.layers.Normalization(mean=head.mean_, variance=scale * scale, name="standardise")(x)
@@ -200,8 +218,7 @@ def _held_out_samples(run: Run, head) -> tuple[list[tuple[str, bytes]], np.ndarr
     if not chosen or not Path(run.info["cache"]).is_file():
         return [], None
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
-        rows = cache.row_index()
-        features = cache.read_features([rows[s["key"]] for s in chosen])
+        features = scoring_features(cache, [s["key"] for s in chosen], run.config.head.tta)
     return samples, head.predict_proba(features)
 
 

@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
-from .cache import CacheWriter, FileRecord, cache_path
+from . import augment, backbones, images
+from .cache import CacheWriter, FileRecord, ViewRows, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
 from .errors import ConfigError, DatasetError, ImageError
@@ -38,6 +38,8 @@ class ExtractSummary:
     total: int
     extracted: int = 0
     reused: int = 0
+    views_per_image: int = 0  # views each image has in the cache (augment.views, and the mirror for flip TTA)
+    views_extracted: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason), all current failures
     seconds: float = 0.0
     backbone_batches: int = 0
@@ -47,6 +49,9 @@ class ExtractSummary:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
                  f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
+        if self.views_per_image:
+            lines.insert(1, f"extract: {self.views_per_image} view(s) per image: {self.views_extracted} extracted, "
+                            "the rest already cached")
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
@@ -62,6 +67,7 @@ class _Loaded:
     record: FileRecord
     image: np.ndarray | None = None  # None when the content is already cached
     error: str | None = None
+    views: dict[int, np.ndarray] = field(default_factory=dict)  # view index -> pixels, for views not cached yet
 
 
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
@@ -82,7 +88,9 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
     with CacheWriter(path, fp, dtype=config.cache.dtype, rebuild=rebuild) as cache:
         summary = ExtractSummary(path, total=len(dataset.entries) + len(dataset.skipped))
         index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
-        known = set(rows) | set(failures)
+        views = _ViewNeeds(augment.wanted_views(config.augment.views, config.head.tta), cache)
+        summary.views_per_image = len(views.wanted)
+        known = {key for key in rows if not views.missing(key)} | set(failures)  # nothing left to compute
         stale = [(entry, stat) for entry in dataset.entries
                  if (stat := _stat(entry.path)) is None or not _is_current(index.get(entry.relpath), stat, known)]
         summary.reused = len(dataset.entries) - len(stale)
@@ -95,28 +103,39 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             return extractor
 
         size = backbones.get_spec(config.backbone.name).input_size
-        load = _loader(size, config.data.max_image_pixels, known)
+        load = _loader(size, config.data.max_image_pixels, known, rows, views)
         workers = config.extract.workers or os.cpu_count() or 1
         batch: list[_Loaded] = []
+        pending_pixels = 0  # images waiting for the backbone in `batch`: clean ones and views
         pending_files: list[tuple[str, FileRecord]] = []
         pending_failures: list[tuple[str, str, str]] = []
 
         def commit():
             if not (batch or pending_files or pending_failures):
                 return
-            keys, feature_rows = [], np.zeros((0, 0), np.float32)
             fresh = {}
             for item in batch:  # the same new content twice in one batch is computed once
                 fresh.setdefault(item.record.key, item)
-            if fresh:
-                feature_rows = get_extractor()(np.stack([item.image for item in fresh.values()]))
-                keys = list(fresh)
+            keys = [key for key, item in fresh.items() if item.image is not None]
+            view_ids = [(key, index) for key, item in fresh.items() for index in sorted(item.views)]
+            pixels = [fresh[key].image for key in keys] + [fresh[key].views[index] for key, index in view_ids]
+            feature_rows = np.zeros((0, 0), np.float32)
+            if pixels:
+                extractor = get_extractor()
+                feature_rows = np.concatenate([extractor(np.stack(pixels[start:start + config.backbone.batch_size]))
+                                               for start in range(0, len(pixels), config.backbone.batch_size)])
                 summary.backbone_batches += 1
             files = pending_files + [(item.entry.relpath, item.record) for item in batch]
-            cache.commit(keys, feature_rows, files, pending_failures)
-            known.update(keys)
+            view_rows = ViewRows(views.recipe.fingerprint(), [key for key, _ in view_ids],
+                                 [index for _, index in view_ids], feature_rows[len(keys):]) if view_ids else None
+            cache.commit(keys, feature_rows[:len(keys)], files, pending_failures, views=view_rows)
+            views.done.update(view_ids)
+            rows.update(dict.fromkeys(keys, -1))
+            known.update(fresh)
             known.update(key for key, _, _ in pending_failures)
             summary.extracted += len(keys)
+            summary.views_extracted += len(view_ids)
+            summary.reused += sum(item.image is None for item in fresh.values())  # only views were missing
             batch.clear(), pending_files.clear(), pending_failures.clear()
 
         bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
@@ -128,17 +147,21 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                         pending_failures.append((item.record.key, item.entry.relpath, item.error))
                     if index.get(item.entry.relpath) != item.record:  # re-checked failures stay one entry
                         pending_files.append((item.entry.relpath, item.record))
-                elif item.image is None or item.record.key in known:
+                elif (item.image is None and not item.views) or item.record.key in known:
                     summary.reused += 1
                     pending_files.append((item.entry.relpath, item.record))
                 else:
                     batch.append(item)
-                if len(batch) >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
+                    pending_pixels += (item.image is not None) + len(item.views)
+                if pending_pixels >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
                     commit()
+                    pending_pixels = 0
                 bar.update()
+                if views.wanted:
+                    bar.set_postfix(views=summary.views_extracted, refresh=False)
             commit()
         bar.close()
-        if summary.extracted:
+        if summary.extracted or summary.views_extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)
     summary.failed = sorted([*cached.failed.items(), *dataset.skipped])
@@ -172,8 +195,19 @@ def _recheck_key(*reason) -> str:
     return _RECHECK + hashlib.sha256(":".join(map(str, reason)).encode()).hexdigest()[:63]
 
 
-def _loader(size: int, max_pixels: int, known: set[str]):
-    """Read a file once: hash it, and decode it only if its content is not cached yet."""
+class _ViewNeeds:
+    """Which augmented views the config wants and which the cache already holds."""
+
+    def __init__(self, wanted: tuple[int, ...], cache: CacheWriter):
+        self.wanted, self.recipe = wanted, augment.RECIPE
+        self.done = set(cache.view_index(self.recipe.fingerprint_id())) if wanted else set()
+
+    def missing(self, key: str) -> tuple[int, ...]:
+        return tuple(index for index in self.wanted if (key, index) not in self.done)
+
+
+def _loader(size: int, max_pixels: int, known: set[str], rows: dict, views: _ViewNeeds):
+    """Read a file once: hash it, and decode it (and make its views) only for what is not cached yet."""
 
     def load(job: tuple[ImageEntry, os.stat_result | None]) -> _Loaded:
         entry, stat = job
@@ -188,7 +222,10 @@ def _loader(size: int, max_pixels: int, known: set[str]):
         if record.key in known:
             return _Loaded(entry, record)
         try:
-            return _Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+            image = None if record.key in rows else images.decode_image(data, size, max_pixels=max_pixels)
+            wanted = views.missing(record.key)
+            made = augment.make_views(data, record.key, wanted, size, max_pixels=max_pixels) if wanted else {}
+            return _Loaded(entry, record, image=image, views=made)
         except images.ImageTooLarge as exc:  # decodes once data.max_image_pixels is raised
             return _Loaded(entry, replace(record, key=_recheck_key("too large", record.key, max_pixels)),
                            error=str(exc))

@@ -27,12 +27,13 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
+from . import augment, backbones, images
 from .cache import FeatureCache
 from .config import BackboneConfig
 from .dataset import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetError, ImageError, PipelineError
 from .extract import _prefetch
+from .features import scoring_features
 from .heads import load_head
 from .report import UNKNOWN
 from .runs import Run, load_run
@@ -148,9 +149,13 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
               make_extractor: Callable) -> np.ndarray:
     """One feature row per image that could be scored (errors are set on the others), in input order."""
     rows, failures, cache = {}, {}, None
+    tta = run.config.head.tta
     if Path(run.info["cache"]).is_file():
         cache = FeatureCache(run.info["cache"], run.info["fingerprint"])
         rows, failures = cache.row_index(), cache.failures()
+        if tta == "flip":  # content without its mirrored view goes through the backbone, both ways
+            mirrored = cache.view_index(augment.RECIPE.fingerprint_id())
+            rows = {key: row for key, row in rows.items() if (key, augment.MIRROR) in mirrored}
     size = backbones.get_spec(backbone.name).input_size
     max_pixels = run.config.data.max_image_pixels
 
@@ -178,9 +183,13 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
         nonlocal extractor
         if batch:
             extractor = extractor or make_extractor(backbone)
-            computed = extractor(np.stack(list(batch.values())))
+            pixels = np.stack(list(batch.values()))
             # rounded as the cache stores them, so an image scores the same whether or not it was cached
-            fresh.update(zip(batch, computed.astype(stored).astype(np.float32)))
+            computed = extractor(pixels).astype(stored).astype(np.float32)
+            if tta == "flip":
+                computed = (computed + extractor(np.ascontiguousarray(pixels[:, :, ::-1])).astype(stored)
+                            .astype(np.float32)) / 2
+            fresh.update(zip(batch, computed))
             batch.clear()
 
     keys: list[str] = []
@@ -201,7 +210,7 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
                         flush()
             flush()
         cached_keys = sorted({key for key in keys if key in rows and key not in fresh})
-        from_cache = dict(zip(cached_keys, cache.read_features([rows[k] for k in cached_keys]))) if cached_keys else {}
+        from_cache = dict(zip(cached_keys, scoring_features(cache, cached_keys, tta))) if cached_keys else {}
     finally:
         bar.close()
         if cache is not None:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import augment
 from .config import Config
 from .dataset import assign_splits
 from .errors import DatasetError
-from .features import dataset_from_config, match_cached, open_cache, require_complete, trainable
+from .features import (dataset_from_config, match_cached, open_cache, require_complete, scoring_features,
+                       trainable, training_views)
 from .heads import make_head
 from .runs import new_run_dir, save_run
 
@@ -39,6 +41,7 @@ class TrainResult:
 
 def run_train(config: Config) -> TrainResult:
     started = time.perf_counter()
+    warnings: list[str] = []
     dataset = dataset_from_config(config)
     with open_cache(config) as cache:
         cached = match_cached(dataset, cache)
@@ -55,15 +58,24 @@ def run_train(config: Config) -> TrainResult:
         rows = cache.row_index()
         samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
                    for e in entries if e.relpath in splits]
-        data = {}
+        data, keys = {}, {}
         for split in ("train", "val"):
             chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
             if not chosen:
                 raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
-            data[split] = (cache.read_features([rows[s["key"]] for s in chosen]),
+            keys[split] = [s["key"] for s in chosen]
+            data[split] = (cache.read_features([rows[key] for key in keys[split]]) if split == "train"
+                           else scoring_features(cache, keys[split], config.head.tta),
                            np.array([class_of[s["label"]] for s in chosen]))
+        view_indices = augment.wanted_views(config.augment.views, config.head.tta)
+        views = training_views(cache, keys["train"], data["train"][1], view_indices) if view_indices else None
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
-    head = make_head(config.head).fit(*data["train"], *data["val"], n_classes=len(labels))
+    head = make_head(config.head)
+    if views is not None and not getattr(head, "learns_from_views", False):
+        warnings.append(f"head.kind = {head.kind!r} does not use augmented views; fix: use head.kind = \"logreg\" "
+                        "to let validation decide whether views help")
+        views = None
+    head.fit(*data["train"], *data["val"], n_classes=len(labels), **({"views": views} if views else {}))
     val_accuracy = float(np.mean(head.predict_proba(data["val"][0]).argmax(1) == data["val"][1]))
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
@@ -72,6 +84,9 @@ def run_train(config: Config) -> TrainResult:
     info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
             "failed_images": len(cached.failed), "label_conflicts": conflicts, "fingerprint": fingerprint,
             "cache": cache_file, "dataset": config.dataset_name, "train_seconds": seconds,
+            "features": {"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
+                         "views_used": len(views[1]) if views else 0, "view_recipe": augment.RECIPE.fingerprint_id(),
+                         "tta": config.head.tta},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_run(run_dir, config, labels, samples, info, head.history_)
-    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts)
+    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts + warnings)

@@ -24,40 +24,61 @@ FILE_NAME = "head.h5"
 
 class LogisticRegressionHead:
     kind = "logreg"
+    learns_from_views = True
 
     def __init__(self, config: LogRegConfig = LogRegConfig()):
         self.config = config
+        self.normalization_, self.view_weight_ = "none", 0.0
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-            n_classes: int | None = None) -> "LogisticRegressionHead":
-        """Try each C (warm-started, smallest first); keep the best on validation accuracy."""
+            n_classes: int | None = None, views: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> "LogisticRegressionHead":
+        """Try each normalisation, view weight and C (warm-started, smallest first); keep the best on
+        validation (accuracy, then log loss; on a tie the simpler option, tried first, stays).
+
+        `views` are extra rows from augmented views of the training images; a weight of 0 leaves them
+        out, so with 0 among `view_weights` the choice is never worse on validation than the plain head.
+        """
         n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
-        scaler = StandardScaler().fit(X)
-        Z, Z_val = scaler.transform(X), scaler.transform(X_val)
-        model = LogisticRegression(max_iter=self.config.max_iter, warm_start=True)
+        weights = [0.0] if views is None else sorted(set(self.config.view_weights))
         best, self.history_ = None, []
-        for c in sorted(self.config.c_values):
-            model.set_params(C=c)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
-                warnings.simplefilter("ignore", UserWarning)  # log_loss clipping near-certain probabilities
-                model.fit(Z, y)
-                proba = _expand(model.predict_proba(Z_val), model.classes_, n_classes)
-                score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
-            self.history_.append({"C": c, "val_accuracy": score[0], "val_log_loss": -score[1]})
-            if best is None or score > best[0]:
-                best = (score, c, model.coef_.copy(), model.intercept_.copy(), model.classes_.copy())
-        _, self.C_, coef, intercept, classes = best
+        for normalization in dict.fromkeys(self.config.normalizations):
+            clean, val = normalize(X, normalization), normalize(X_val, normalization)
+            scaler = StandardScaler().fit(clean)  # from the clean rows only: views do not move the scale
+            Z, Z_val = scaler.transform(clean), scaler.transform(val)
+            Z_views = scaler.transform(normalize(views[0], normalization)) if views is not None else None
+            for weight in weights:
+                if weight:
+                    rows, labels = np.vstack([Z, Z_views]), np.concatenate([y, views[1]])
+                    sample_weight = np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)])
+                else:
+                    rows, labels, sample_weight = Z, y, None
+                model = LogisticRegression(max_iter=self.config.max_iter, warm_start=True)
+                for c in sorted(self.config.c_values):
+                    model.set_params(C=c)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
+                        warnings.simplefilter("ignore", UserWarning)  # log_loss clipping near-certain probabilities
+                        model.fit(rows, labels, sample_weight=sample_weight)
+                        proba = _expand(model.predict_proba(Z_val), model.classes_, n_classes)
+                        score = (accuracy_score(y_val, proba.argmax(1)),
+                                 -log_loss(y_val, proba, labels=range(n_classes)))
+                    self.history_.append({"C": c, "normalization": normalization, "view_weight": weight,
+                                          "val_accuracy": score[0], "val_log_loss": -score[1]})
+                    if best is None or score > best[0]:
+                        best = (score, c, normalization, weight, scaler, model.coef_.copy(), model.intercept_.copy(),
+                                model.classes_.copy())
+        _, self.C_, self.normalization_, self.view_weight_, scaler, coef, intercept, classes = best
         self.mean_, self.scale_ = scaler.mean_, scaler.scale_
         self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
         return self
 
     @property
     def params_(self) -> dict:
-        return {"C": self.C_}
+        return {"C": self.C_, "normalization": self.normalization_, "view_weight": self.view_weight_}
 
     def logits(self, X: np.ndarray) -> np.ndarray:
-        return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        return ((normalize(X, self.normalization_) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         z = self.logits(np.asarray(X, dtype=np.float64))
@@ -70,6 +91,8 @@ class LogisticRegressionHead:
             for name in ("mean_", "scale_", "coef_", "intercept_"):
                 f.create_dataset(name.rstrip("_"), data=getattr(self, name))
             f.attrs["C"] = self.C_
+            f.attrs["normalization"] = self.normalization_
+            f.attrs["view_weight"] = self.view_weight_
 
     @classmethod
     def load(cls, directory: Path) -> "LogisticRegressionHead":
@@ -78,7 +101,20 @@ class LogisticRegressionHead:
             for name in ("mean_", "scale_", "coef_", "intercept_"):
                 setattr(head, name, f[name.rstrip("_")][...])
             head.C_ = float(f.attrs["C"])
+            head.normalization_ = str(f.attrs.get("normalization", "none"))  # heads saved before it existed: none
+            head.view_weight_ = float(f.attrs.get("view_weight", 0.0))
         return head
+
+
+def normalize(X: np.ndarray, kind: str) -> np.ndarray:
+    """A feature vector's normalisation before standardising: none, l2 (unit length), or sqrt
+    (signed square root, then unit length: the power normalisation of Fisher vectors)."""
+    X = np.asarray(X, dtype=np.float64)
+    if kind == "sqrt":
+        X = np.sign(X) * np.sqrt(np.abs(X))
+    if kind in ("l2", "sqrt"):
+        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return X
 
 
 def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
