@@ -214,6 +214,21 @@ def _warn_if_bfloat16_is_emulated() -> None:
               file=sys.stderr)
 
 
+def inference_function(backbone: BackboneConfig):
+    """The frozen backbone with its own preprocessing as one `tf.function`: a uint8 image batch
+    in, float32 rows out. Every runtime runs (or is converted from) this one function."""
+    import tensorflow as tf
+
+    spec = get_spec(backbone.name)
+    model = build_model(backbone)
+    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+
+    def infer(batch):
+        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
+
+    return tf.function(infer, input_signature=[tf.TensorSpec([None, spec.input_size, spec.input_size, 3], tf.uint8)])
+
+
 class FeatureExtractor:
     """A frozen backbone as one compiled function: a uint8 image batch in, float32 rows out.
 

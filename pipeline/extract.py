@@ -26,7 +26,7 @@ from . import augment, backbones, images
 from .cache import CacheWriter, FileRecord, ViewRows, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
-from .errors import ConfigError, DatasetError, ImageError
+from .errors import DatasetError, ImageError
 from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
@@ -73,10 +73,6 @@ class _Loaded:
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
     started = time.perf_counter()
-    for key, value, least in (("backbone.batch_size", config.backbone.batch_size, 1),
-                              ("extract.workers", config.extract.workers, 0)):
-        if value < least:
-            raise ConfigError(f"{key} = {value} is below {least}; fix: set it to {least} or more")
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)

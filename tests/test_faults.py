@@ -174,6 +174,33 @@ def test_a_write_error_at_any_write_is_one_clear_error_and_keeps_every_commit(tm
         assert _equal(content(path, FP), committed[-1])
 
 
+def test_a_journal_left_by_a_deleted_cache_is_never_rolled_back_onto_a_fresh_one(tmp_path, tiny_dataset, monkeypatch,
+                                                                                caplog):
+    """A user deletes a half-committed cache by hand and leaves its journal: the next extract makes a
+    fresh file, and the journal, written for the deleted one, is discarded with one warning."""
+    config = tiny_config(tmp_path, tiny_dataset, **{"backbone.batch_size": 4})
+    kept, end = [], journal.JournaledFile.end
+
+    def keeping_the_journal(self):  # the journal of a late commit, as a kill just before its end leaves it
+        kept.append(journal.journal_path(self.path).read_bytes())
+        end(self)
+
+    monkeypatch.setattr(journal.JournaledFile, "end", keeping_the_journal)
+    path = run_extract(config, progress=False, make_extractor=KeptExtractor).cache_path
+    monkeypatch.undo()
+    clean = content(path, backbones.fingerprint(config))
+    stale = max(kept[:-1], key=len)  # a commit's journal, full of that file's old bytes
+    path.unlink()
+    journal.journal_path(path).write_bytes(stale)
+    caplog.clear()
+    summary = run_extract(config, progress=False, make_extractor=KeptExtractor)
+    assert summary.extracted == 24 and not journal.journal_path(path).exists()
+    assert_same(content(path, backbones.fingerprint(config)), clean, "fresh extract beside a stale journal")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{journal.journal_path(path)} was left by an unfinished update of another file, since deleted or replaced; "
+        f"it is discarded, and {path.name} is left as it is"]
+
+
 # --- kill -9 at random moments of a real extract ---------------------------------------------------
 
 KILL_TRIALS = 10
