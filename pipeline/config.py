@@ -160,7 +160,7 @@ class LogRegConfig(Section, key="head.logreg"):
     c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
     max_iter: int = setting(1000, at_least=1)
     # tried with each C, and the best on validation kept: none, l2 (unit length), sqrt (signed root, then l2)
-    normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2"])
+    normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2", "sqrt"])
     # the weight of each augmented view's row, tried with each C; 0 leaves views out
     view_weights: list[float] = setting(factory=lambda: [0.0, 0.3, 1.0], at_least=0, at_most=1)
 

@@ -129,10 +129,9 @@ def build_model(backbone_config, head, n_classes: int, tta: str = "none"):
     else:
         x = backbone(x, training=False)
     if head.kind == "logreg":
-        if head.normalization_ == "sqrt":
-            raise PipelineError("a head with normalization = \"sqrt\" has no stock Keras layer to export it; fix: "
-                                "train with head.logreg.normalizations = [\"none\", \"l2\"]")
-        if head.normalization_ == "l2":
+        if head.normalization_ == "sqrt":  # Keras operations in a functional graph: plain Keras loads them
+            x = keras.ops.sign(x) * keras.ops.sqrt(keras.ops.abs(x))
+        if head.normalization_ in ("l2", "sqrt"):
             x = keras.layers.UnitNormalization(name="l2_normalise")(x)
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
         scale = head.scale_.astype(np.float32)
