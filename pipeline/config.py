@@ -141,6 +141,8 @@ class BackboneConfig(Section, key="backbone"):
     batch_size: int = setting(32, at_least=1)
     # the last N blocks, each globally average-pooled and concatenated, last block first (its own cache file)
     pool_blocks: int = setting(1, at_least=1, at_most=2)
+    compile: Literal["auto", "graph", "xla"] = "auto"  # TensorFlow's execution: measured per machine, or forced
+    runtime: Literal["auto", "tensorflow", "openvino"] = "auto"  # which runtime runs it: measured, or forced
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
 
 
@@ -163,6 +165,7 @@ class LogRegConfig(Section, key="head.logreg"):
     normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2", "sqrt"])
     # the weight of each augmented view's row, tried with each C; 0 leaves views out
     view_weights: list[float] = setting(factory=lambda: [0.0, 0.3, 1.0], at_least=0, at_most=1)
+    tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,26 @@ class HeadConfig(Section, key="head"):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(Section, key="finetune"):
+    """Training the top of the backbone with the head, starting from a trained head run."""
+    unfreeze: float = setting(0.5, above=0)  # below 1: that share of the backbone's weighted layers; 1 or more: blocks
+    learning_rate: float = setting(1e-4, above=0)  # Adam's peak rate, reached after the warm-up
+    warmup_epochs: float = setting(1.0, at_least=0)  # linear warm-up from zero: the first steps cannot wreck the head
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up: cosine decay to zero at `epochs`
+    epochs: int = setting(12, at_least=1)  # upper bound; early stopping on validation ends sooner
+    patience: int = setting(4, at_least=1)  # epochs without a better validation accuracy (ties: lower loss)
+    batch_size: int = setting(32, at_least=1)
+    augment: bool = True  # mirror, zoom-and-crop, brightness and contrast, in tf.data
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = setting(0, **SEED)
+
+    def check_together(self) -> None:
+        if self.unfreeze >= 1 and not float(self.unfreeze).is_integer():
+            raise ConfigError(f"finetune.unfreeze = {self.unfreeze!r}: below 1 it is a share of the layers, from 1 "
+                              "on a whole number of blocks; fix: use e.g. 0.5 or 2")
+
+
+@dataclass(frozen=True)
 class RunConfig(Section, key="run"):
     dir: str = "runs"
 
@@ -198,6 +221,7 @@ class Config(Section):
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

@@ -10,6 +10,7 @@ next, so a crash loses at most the batch in flight.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import sys
@@ -44,6 +45,7 @@ class ExtractSummary:
     seconds: float = 0.0
     backbone_batches: int = 0
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
+    execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
 
     def describe(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
@@ -52,6 +54,8 @@ class ExtractSummary:
         if self.views_per_image:
             lines.insert(1, f"extract: {self.views_per_image} view(s) per image: {self.views_extracted} extracted, "
                             "the rest already cached")
+        if self.execution:
+            lines.append(self.execution)
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
@@ -71,8 +75,9 @@ class _Loaded:
 
 
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
-                make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
+                make_extractor: Callable | None = None) -> ExtractSummary:
     started = time.perf_counter()
+    make_extractor = make_extractor or functools.partial(backbones.FeatureExtractor, cache_dir=config.cache.dir)
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)
@@ -117,8 +122,8 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             pixels = [fresh[key].image for key in keys] + [fresh[key].views[index] for key, index in view_ids]
             feature_rows = np.zeros((0, 0), np.float32)
             if pixels:
-                extractor = get_extractor()
-                feature_rows = np.concatenate([extractor(np.stack(pixels[start:start + config.backbone.batch_size]))
+                backbone = get_extractor()
+                feature_rows = np.concatenate([backbone(np.stack(pixels[start:start + config.backbone.batch_size]))
                                                for start in range(0, len(pixels), config.backbone.batch_size)])
                 summary.backbone_batches += 1
             files = pending_files + [(item.entry.relpath, item.record) for item in batch]
@@ -157,6 +162,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                     bar.set_postfix(views=summary.views_extracted, refresh=False)
             commit()
         bar.close()
+        summary.execution = getattr(extractor, "description", "")
         if summary.extracted or summary.views_extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)
