@@ -125,7 +125,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 backbone = get_extractor()
                 feature_rows = np.concatenate([backbone(np.stack(pixels[start:start + config.backbone.batch_size]))
                                                for start in range(0, len(pixels), config.backbone.batch_size)])
-                summary.backbone_batches += 1
+                summary.backbone_batches += -(-len(pixels) // config.backbone.batch_size)
             files = pending_files + [(item.entry.relpath, item.record) for item in batch]
             view_rows = ViewRows(views.recipe.fingerprint(), [key for key, _ in view_ids],
                                  [index for _, index in view_ids], feature_rows[len(keys):]) if view_ids else None
