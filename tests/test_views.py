@@ -72,9 +72,12 @@ def test_views_are_the_same_on_a_rerun_and_with_another_worker_count(tmp_path, t
         results.append(view_content(config))
     first = results[0]
     assert len(first["views"]) == 72 and {index for _, index in first["views"]} == {0, 1, 2}
-    for other in results[1:]:
+    for other in results[1:]:  # the same pixels; the backbone's last bits may follow its measured execution path
         assert first["views"].keys() == other["views"].keys()
-        assert all(np.array_equal(row, other["views"][key]) for key, row in first["views"].items())
+        for key, row in first["views"].items():
+            np.testing.assert_allclose(row, other["views"][key], rtol=1e-5, atol=1e-5, err_msg=str(key))
+    distinct = np.array(list(first["views"].values()))  # and a view is not its clean image or another view
+    assert min(np.abs(a - b).max() for i, a in enumerate(distinct) for b in distinct[i + 1:]) > 1e-3
 
 
 def test_raising_the_view_count_extracts_only_the_new_views(tmp_path, tiny_dataset):
@@ -88,7 +91,7 @@ def test_raising_the_view_count_extracts_only_the_new_views(tmp_path, tiny_datas
     assert "3 view(s) per image: 48 extracted" in summary.describe()
     after = view_content(raised)
     assert {index for _, index in after["views"]} == {1, 2, 3}
-    assert all(np.array_equal(row, after["views"][key]) for key, row in before["views"].items())  # kept as they were
+    assert all(np.array_equal(row, after["views"][key]) for key, row in before["views"].items())  # kept as stored
     CountingExtractor.images = 0
     again = run_extract(raised, progress=False, make_extractor=CountingExtractor)
     assert (again.extracted, again.views_extracted, CountingExtractor.images) == (0, 0, 0)
