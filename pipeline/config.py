@@ -86,6 +86,16 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class InspectConfig:
+    duplicate_similarity: float = 0.8  # cosine of centred features at which two images count as near-duplicates
+    unfamiliar_quantile: float = 0.95  # novelty threshold: this quantile of the validation images' scores
+    folds: int = 5  # cross-validation folds for the out-of-fold probabilities behind label issues
+    exact_search_up_to: int = 20000  # rows; beyond this, nearest neighbours come from faiss' HNSW index
+    map_points: int = 10000  # at most this many images on the map (a fixed random sample beyond)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs"
 
@@ -97,6 +107,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

@@ -14,6 +14,7 @@ from pathlib import Path
 from .baseline import FROM_SCRATCH
 from .cache import FeatureCache
 from .config import Config
+from .data_issues import inspect_run
 from .dataset import Dataset
 from .errors import CacheError, PipelineError
 from .features import dataset_from_config
@@ -31,6 +32,7 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
     dataset = _dataset(run.config)
     image_root = dataset.root if dataset else None
+    issues = None
     if run.info["head"] == FROM_SCRATCH:
         from .baseline import predict_samples
 
@@ -41,6 +43,7 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
         probabilities, extract_timing, file_keys = _score_cached(run, chosen)
         timings = {"extract": (extract_timing or {}).get("seconds"), "train": run.info.get("train_seconds")}
         conflicts = conflict_groups(dataset.entries, file_keys) if dataset else []
+        issues = inspect_run(run, split)
     timings["report"] = time.perf_counter() - started
     out_dir = run.dir / "report"
     context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
@@ -48,8 +51,11 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     images, true_labels = [s["image"] for s in chosen], [s["label"] for s in chosen]
     metrics = write_report(out_dir, labels=run.labels, images=images, true_labels=true_labels,
                            probabilities=probabilities, split=split, context=context)
+    if issues is not None:
+        metrics["data_issues"] = {"summary": issues.summary(), "file": str(issues.write(out_dir))}
     write_html_report(out_dir / "report.html", run=run, metrics=metrics, images=images, true_labels=true_labels,
-                      probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts)
+                      probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts,
+                      data_issues=issues)
     return out_dir, metrics
 
 
