@@ -15,7 +15,7 @@ CONFIG ?= configs/default.toml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-.PHONY: demo extract train report predict export compare sweep baseline bench test clean
+.PHONY: demo extract train report predict export compare sweep baseline bench test chromium clean
 
 demo: extract train report
 
@@ -47,8 +47,20 @@ baseline: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pipeline bench $(ARGS) $(if $(IMAGES),--images $(IMAGES))
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest
+
+# The HTML report is tested in a real browser: Debian's Chromium, installed when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if command -v apt-get >/dev/null; then \
+		echo "installing Chromium (Debian's chromium), which the HTML report's tests open the report in"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; \
+	else \
+		echo "make test needs Chromium and apt-get is not here: install it yourself (dnf install chromium, brew install --cask chromium, ...) and run make test again" >&2; \
+		exit 2; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

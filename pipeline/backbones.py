@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
+from . import execution, images
 from .config import BackboneConfig, Config
 from .errors import ConfigError, PipelineError
 
@@ -194,44 +194,45 @@ def _warn_if_bfloat16_is_emulated() -> None:
               file=sys.stderr)
 
 
-class FeatureExtractor:
-    """A frozen backbone as one compiled function: a uint8 image batch in, float32 rows out.
+def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "execution.LoadedBackbone":
+    """The frozen model paired with its own preprocessing: what every execution path runs."""
+    spec = get_spec(backbone.name)
+    model = build_model(backbone)
+    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+    return execution.LoadedBackbone(model, preprocess, backbone, spec.input_size, int(model.output_shape[-1]),
+                                    cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
-    Preprocessing runs inside the same function, so it can never drift from the model.
-    Full batches run through XLA, which fuses the graph (Inception V3 ran 13% faster than
-    in plain graph mode on a 2-core AVX2 CPU, median of interleaved pairs) but compiles once
-    per input shape; a partial batch (the tail of a run, a few new images, one photo to predict) runs
-    the same graph uncompiled, so it never waits for a compile. Where XLA cannot compile
-    (a GPU without CUDA's compiler tools, say) it says so once and runs uncompiled.
+
+def inference_function(backbone: BackboneConfig):
+    """The frozen backbone with its own preprocessing as one `tf.function`: a uint8 image batch
+    in, float32 rows out. Every runtime runs (or is converted from) this one function."""
+    return load_backbone(backbone).graph_function()
+
+
+class FeatureExtractor:
+    """A frozen backbone as one function: a uint8 image batch in, float32 rows out.
+
+    Preprocessing runs inside the same function, so it can never drift from the model. How
+    the function is executed (plain graph, XLA, another runtime) is chosen by measurement on
+    this machine, see `execution`, and remembered in `cache_dir` (None: measured in this
+    process only); `path` names one path to run (the benchmark times each).
+    `description` says which path runs and why, once known.
     """
 
-    def __init__(self, backbone: BackboneConfig):
+    def __init__(self, backbone: BackboneConfig, *, cache_dir: Path | None = None, path: str | None = None):
         import tensorflow as tf
 
-        spec = get_spec(backbone.name)
-        model = build_model(backbone)
-        preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
-        self.input_size = spec.input_size
-        self.feature_dim = int(model.output_shape[-1])
-        self.batch_size = backbone.batch_size
+        paths = [execution.PATHS[path]] if path else execution.candidates(backbone)
+        loaded = load_backbone(backbone, cache_dir)
+        self.input_size, self.feature_dim, self.batch_size = loaded.input_size, loaded.feature_dim, backbone.batch_size
         if backbone.precision == "bfloat16" and not tf.config.list_physical_devices("GPU"):
             _warn_if_bfloat16_is_emulated()
-        signature = [tf.TensorSpec([None, spec.input_size, spec.input_size, 3], tf.uint8)]
+        memory = execution.ChoiceMemory(loaded.cache_dir / execution.MEMORY_FILE_NAME) if loaded.cache_dir else None
+        self._chooser = execution.PathChooser(loaded, paths, memory=memory, key=execution.machine_key(loaded, paths))
 
-        def infer(batch):
-            return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
-
-        self._graph = tf.function(infer, input_signature=signature)
-        self._xla = tf.function(infer, input_signature=signature, jit_compile=True)
-        self._compile_errors = (tf.errors.UnimplementedError, tf.errors.InternalError, tf.errors.NotFoundError)
+    @property
+    def description(self) -> str:
+        return self._chooser.description
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) != self.batch_size or self._xla is None:
-            return self._graph(batch).numpy()
-        try:
-            return self._xla(batch).numpy()
-        except self._compile_errors as exc:
-            print(f"warning: XLA could not compile the backbone ({str(exc).splitlines()[0][:160]}); running it "
-                  "uncompiled, which is slower", file=sys.stderr)
-            self._xla = None
-            return self._graph(batch).numpy()
+        return self._chooser(batch)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .config import Config
+from .config import SEED, Config, Section, setting
 from .dataset import ImageEntry, assign_splits
 from .errors import DatasetError, ImageError
 from .features import CachedImages, dataset_from_config, trainable
@@ -34,16 +34,16 @@ MODEL_FILE = "model.keras"
 
 
 @dataclass(frozen=True)
-class BaselineSettings:
+class BaselineSettings(Section, key="baseline"):
     """Deliberately small and conventional: a baseline, not a competitor to tune."""
-    image_size: int = 96  # pixels per side, squashed as for the backbones; 96 keeps a CPU epoch short
-    filters: tuple[int, ...] = (32, 64, 128, 256)  # one conv block (conv, batch norm, relu, max pool) each
-    dropout: float = 0.5
-    learning_rate: float = 0.001
-    batch_size: int = 32
-    epochs: int = 100  # upper bound; early stopping on validation loss ends sooner
-    patience: int = 10
-    seed: int = 0
+    image_size: int = setting(96, at_least=16)  # pixels per side, squashed as for the backbones; 96 keeps a CPU epoch short
+    filters: tuple[int, ...] = setting((32, 64, 128, 256), at_least=1)  # one conv block (conv, batch norm, relu, max pool) each
+    dropout: float = setting(0.5, at_least=0, below=1)
+    learning_rate: float = setting(0.001, above=0)
+    batch_size: int = setting(32, at_least=1)
+    epochs: int = setting(100, at_least=1)  # upper bound; early stopping on validation loss ends sooner
+    patience: int = setting(10, at_least=0)
+    seed: int = setting(0, **SEED)
 
 
 @dataclass
@@ -95,9 +95,7 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
     best = min(history, key=lambda h: h["val_loss"])
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
-    run_dir = new_run_dir(dataclasses.replace(  # named <time>-scratch-cnn beside the transfer runs
-        config, backbone=dataclasses.replace(config.backbone, name="scratch"),
-        head=dataclasses.replace(config.head, kind="cnn")))
+    run_dir = new_run_dir(config, "scratch-cnn")  # beside the transfer runs
     model.save(run_dir / MODEL_FILE)
     params = {**dataclasses.asdict(settings), "best_epoch": best["epoch"]}
     info = {"head": FROM_SCRATCH, "from_scratch": True, "params": params, "val_accuracy": best["val_accuracy"],

@@ -30,7 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import backbones, images
+from . import backbones, execution, images
 from .cache import feature_chunks
 from .config import Config, DataConfig, to_toml
 from .dataset import IMAGE_EXTENSIONS
@@ -134,7 +134,7 @@ def machine_info(config: Config) -> dict:
 
     gpus = tf.config.list_physical_devices("GPU")
     names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
-    cpu = _cpu_model()
+    cpu = execution.cpu_model()
     return {
         "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu}, {os.cpu_count()} cores (no GPU found)",
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
@@ -146,14 +146,6 @@ def machine_info(config: Config) -> dict:
         "versions": {"python": platform.python_version(), **{
             name: importlib.metadata.version(name) for name in ("tensorflow", "keras", "numpy", "h5py", "pillow")}},
     }
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def matmul_gflops(n: int = 2048, seconds: float = 2.0) -> float:
@@ -210,47 +202,55 @@ def naive_rate(config: Config, paths: list[Path], count: int) -> dict:
 
 
 def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -> list[dict]:
-    """Ceiling and pipeline at one precision. An extractor compiles for its own batch size, so
-    each batch size tried gets its own; the pipeline reuses the one for its batch size, warm."""
+    """Ceiling and pipeline at one precision. The ceiling is the best of every execution path
+    this machine has (graph, XLA, ...) at every batch size tried, each with its own extractor,
+    forced to that path; the pipeline reuses the best path's extractor for its batch size, warm."""
     precision = config.backbone.precision
     size = backbones.get_spec(config.backbone.name).input_size
     decoded, _, decode_cpu = _timed(lambda: np.stack([images.decode_image(p.read_bytes(), size)
                                                       for p in _cycle(paths, max(options.batch_sizes))]))
+    path_names = [path.name for path in execution.candidates(config.backbone)]
     extractors, startup = {}, {}
 
-    def ceiling(batch_size: int) -> dict:
+    def ceiling(batch_size: int, path: str) -> dict:
         batch = decoded[:batch_size]
-        if batch_size not in extractors:  # building and compiling, once: what every extract pays first
-            (extractor, _), startup[batch_size], _ = _timed(lambda: _first_call(config, batch_size, batch))
-            extractors[batch_size] = extractor
+        if (batch_size, path) not in extractors:  # building and compiling, once: what every extract pays first
+            (extractor, _), startup[batch_size, path], _ = _timed(lambda: _first_call(config, batch_size, path, batch))
+            extractors[batch_size, path] = extractor
         calls = max(2, -(-options.ceiling_images // batch_size))
-        _, wall, cpu = _timed(lambda: [extractors[batch_size](batch) for _ in range(calls)])
-        return _row("ceiling", precision, batch_size, calls * batch_size, wall, cpu)
+        _, wall, cpu = _timed(lambda: [extractors[batch_size, path](batch) for _ in range(calls)])
+        return {**_row("ceiling", precision, batch_size, calls * batch_size, wall, cpu), "path": path}
 
-    tried = [ceiling(batch_size) for batch_size in options.batch_sizes]
+    tried = [ceiling(batch_size, path) for batch_size in options.batch_sizes for path in path_names]
     best = max(tried, key=lambda row: row["img_per_s"])
     pipeline_batch = config.backbone.batch_size
-    if pipeline_batch not in extractors:
-        ceiling(pipeline_batch)
-    clocked = _Clocked(extractors[pipeline_batch])
+    pipeline_path = max((row for row in tried if row["batch_size"] == pipeline_batch),
+                        key=lambda row: row["img_per_s"], default=best)["path"]
+    if (pipeline_batch, pipeline_path) not in extractors:
+        ceiling(pipeline_batch, pipeline_path)
+    clocked = _Clocked(extractors[pipeline_batch, pipeline_path])
     summary, _, cpu = _timed(lambda: run_extract(config, progress=False, make_extractor=lambda backbone: clocked))
-    pipeline = _row("pipeline", precision, pipeline_batch, summary.extracted, summary.seconds, cpu)
+    pipeline = {**_row("pipeline", precision, pipeline_batch, summary.extracted, summary.seconds, cpu),
+                "path": pipeline_path}
     pipeline["backbone_busy"] = clocked.seconds / summary.seconds  # 1.0: the backbone never waited for input
-    pipeline["startup_s"] = startup[pipeline_batch]  # model build and compile, paid once per process, not counted
+    pipeline["startup_s"] = startup[pipeline_batch, pipeline_path]  # model build and compile, once per process
     pipeline["decode_cpu_ms_per_image"] = 1000 * decode_cpu / len(decoded)  # read, decode, resize: one thread
-    # the load on a shared machine drifts: the ceiling is its best batch size measured just
-    # before and again just after the pipeline, pooled
-    after = ceiling(best["batch_size"])
-    pooled = _row("ceiling", precision, best["batch_size"], best["images"] + after["images"],
-                  best["seconds"] + after["seconds"], best["cpu_seconds"] + after["cpu_seconds"])
+    # the load on a shared machine drifts: the ceiling is its best batch size and path measured
+    # just before and again just after the pipeline, pooled
+    after = ceiling(best["batch_size"], best["path"])
+    pooled = {**_row("ceiling", precision, best["batch_size"], best["images"] + after["images"],
+                     best["seconds"] + after["seconds"], best["cpu_seconds"] + after["cpu_seconds"]),
+              "path": best["path"]}
     pooled["img_per_s_before_after"] = [best["img_per_s"], after["img_per_s"]]
-    pooled["batch_sizes_tried"] = {row["batch_size"]: row["img_per_s"] for row in tried}
+    pooled["batch_sizes_tried"] = {batch_size: max(row["img_per_s"] for row in tried if row["batch_size"] == batch_size)
+                                   for batch_size in options.batch_sizes}
+    pooled["paths_tried"] = {f"{row['path']} batch {row['batch_size']}": row["img_per_s"] for row in tried}
     return [pooled, pipeline]
 
 
-def _first_call(config: Config, batch_size: int, batch: np.ndarray):
-    """A new extractor for `batch_size` and its first call, which builds the model and compiles it."""
-    extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size))
+def _first_call(config: Config, batch_size: int, path: str, batch: np.ndarray):
+    """A new extractor for `batch_size` on one path, and its first call, which builds the model and compiles it."""
+    extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size), path=path)
     return extractor, extractor(batch)
 
 
@@ -449,7 +449,7 @@ def format_table(result: dict) -> str:
              f"{b['convolutions']} convolutions; {m['device']}; fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s; "
              f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}", "",
              "| stage | precision | batch | img/s | GFLOP/s | of fp32 matmul | CPU ms/img | vs naive | vs ceiling "
-             "| backbone busy |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| backbone busy | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     naive = result["rates"][0]["img_per_s"]
     ceilings = {row["precision"]: row["img_per_s"] for row in result["rates"] if row["stage"] == "ceiling"}
     for row in result["rates"]:
@@ -458,7 +458,7 @@ def format_table(result: dict) -> str:
         busy = f"{row['backbone_busy']:.0%}" if pipeline else ""
         lines.append(f"| {row['stage']} | {row['precision']} | {row['batch_size']} | {row['img_per_s']:.1f} | "
                      f"{row['gflops']:.0f} | {row['fraction_of_matmul']:.2f} | {row['cpu_ms_per_image']:.0f} | "
-                     f"{row['img_per_s'] / naive:.1f}x | {vs_ceiling} | {busy} |")
+                     f"{row['img_per_s'] / naive:.1f}x | {vs_ceiling} | {busy} | {row.get('path', 'keras predict')} |")
     memory, train = result["memory"], result["train"]
     lines += ["", f"peak RSS: this process {result['peak_rss_mib']:.0f} MiB; a fresh `extract` of "
               + " and ".join(f"{run['images']} images {run['peak_rss_mib']:.0f} MiB" for run in memory["runs"])

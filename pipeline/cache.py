@@ -2,6 +2,8 @@
 
 Layout (documented in README):
 
+    user block        the first 512 bytes, which HDF5 skips: `bottleneck-cache file id <32 hex digits>`,
+                      random per file, so that a journal is only ever rolled back onto its own file
     /                 attrs: format, format_version, fingerprint (JSON), fingerprint_id,
                              extract_timing (JSON: seconds and images extracted, summed)
     /rows/key         (n,)   S64   sha256 of the image bytes; a row counts once its key is set
@@ -37,6 +39,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -55,6 +58,8 @@ _STR = h5py.string_dtype()
 # little: the last, partly filled chunk of every column is rewritten in place.
 _FEATURE_CHUNK_BYTES = 1 << 18
 _INDEX_CHUNK = 1024
+_USER_BLOCK = 512  # HDF5's smallest user block; it holds the file's id
+_ID_TAG = b"bottleneck-cache file id "
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ class CacheWriter(FeatureCache):
                     stale.unlink(missing_ok=True)
             if not self.path.exists():
                 _create(self.path, fingerprint)
-            self._raw = JournaledFile(self.path)
+            self._raw = JournaledFile(self.path, file_identity(self.path))
             with self._update():
                 self._file = _open_hdf5(self.path, self._raw, "r+")
                 self._check_fingerprint(fingerprint)
@@ -245,7 +250,7 @@ class CacheWriter(FeatureCache):
         self._updating = True
         try:
             try:
-                roll_back(self.path)  # what a writer killed mid-update left
+                roll_back(self.path, self._raw.identity)  # what a writer killed mid-update left
                 self._raw.begin()
                 yield
                 if self._file is not None:
@@ -270,7 +275,7 @@ class CacheWriter(FeatureCache):
             with contextlib.suppress(Exception):
                 file.close()
         with contextlib.suppress(OSError):  # else the journal stays, and the next open rolls back
-            roll_back(self.path)
+            roll_back(self.path, self._raw.identity)
 
     def add_extract_timing(self, seconds: float, images: int) -> None:
         """What building this file cost, so `compare` can show it beside each head's training time."""
@@ -340,7 +345,7 @@ class CacheWriter(FeatureCache):
 def _create(path: Path, fingerprint: dict) -> None:
     """A new file is built beside the cache and renamed into place, so none is ever seen half-made."""
     building = path.with_name(path.name + ".new")
-    with h5py.File(building, "w", locking=False) as f:
+    with h5py.File(building, "w", locking=False, userblock_size=_USER_BLOCK) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
@@ -353,7 +358,17 @@ def _create(path: Path, fingerprint: dict) -> None:
         failures = f.create_group("failures")
         for name, dtype in (("key", _KEY), ("path", _STR), ("reason", _STR)):
             failures.create_dataset(name, (0,), maxshape=(None,), chunks=(256,), dtype=dtype)
+    with open(building, "r+b") as f:
+        f.write(_ID_TAG + uuid.uuid4().hex.encode() + b"\n")
     os.replace(building, path)
+
+
+def file_identity(path: Path) -> bytes:
+    """The random id a cache file was made with (b"" for files made before ids), read from its
+    user block, which HDF5 never writes and no journal covers."""
+    with open(path, "rb") as f:
+        block = f.read(len(_ID_TAG) + 32)
+    return block[len(_ID_TAG):] if block.startswith(_ID_TAG) and len(block) == len(_ID_TAG) + 32 else b""
 
 
 def _open_hdf5(path: Path, target, mode: str, **options) -> h5py.File:
@@ -405,7 +420,7 @@ def _shared_lock(path: Path) -> int:
         if journal_path(path).exists():
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                roll_back(path)
+                roll_back(path, file_identity(path))
             except OSError as exc:
                 raise CacheError(f"{path} was left mid-update by a stopped extract and cannot be repaired here "
                                  f"({exc}); fix: run extract again, which repairs it first") from None

@@ -2,26 +2,108 @@
 
 Every key has a default here, so a config file only states what differs. Unknown keys
 and values of the wrong type are refused with the key's name, never ignored: a typo in
-`head.kind` must not silently train the default head. Relative paths are taken from the
+`head.kind` must not silently train the default head. Every table is a `Section`, which
+checks its values whenever it is made (from TOML, `--set` or Python): types, choices, and
+the range each numeric key declares, in one line, `setting(default, at_least=..., below=...)`.
+A new key gets its rule there, and nowhere else. Relative paths are taken from the
 current directory, which is the repository root when run through `make`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import tomli_w
 
 from .errors import ConfigError
 
 
+class Section:
+    """A table of the config. Every instance is checked when it is built, from TOML, `--set`
+    or Python alike: each value's type, its choices (a `Literal`), and the range its field
+    declares with `setting(...)`; then `check_together` for rules across keys.
+    `key` names the table in messages: `class DenseConfig(Section, key="head.dense")`."""
+
+    key: ClassVar[str] = ""
+
+    def __init_subclass__(cls, key: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.key = key
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            name = f"{self.key}.{f.name}" if self.key else f.name
+            value = getattr(self, f.name)
+            kind = hints[f.name]
+            if isinstance(kind, type) and issubclass(kind, Section):
+                if not isinstance(value, kind):
+                    raise ConfigError(f"{name}: expected a table of keys, got {value!r}")
+                continue
+            value = _check(name, kind, value)
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"{name} is empty; fix: give it at least one value (see configs/example.toml)")
+            rule = f.metadata.get("range")
+            if rule is not None:
+                for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+                    rule.check(f"{name}[{i}]" if isinstance(value, (list, tuple)) else name, item)
+            object.__setattr__(self, f.name, value)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Rules that span several keys of this table; raise ConfigError naming them."""
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class Range:
+    """The values a number may take: `at_least`/`at_most` include the bound, `above`/`below` exclude it."""
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def check(self, key: str, value: float) -> None:
+        broken = ((self.at_least is not None and value < self.at_least and f"below {_number(self.at_least)}")
+                  or (self.above is not None and value <= self.above and f"{_number(self.above)} or less")
+                  or (self.at_most is not None and value > self.at_most and f"above {_number(self.at_most)}")
+                  or (self.below is not None and value >= self.below and f"{_number(self.below)} or more"))
+        if broken:
+            raise ConfigError(f"{key} = {value!r} is {broken}; fix: set it to {self.describe()}")
+
+    def describe(self) -> str:
+        """The allowed values in words: "1 or more", "a value from 0 to 100", "at least 0 and less than 1"."""
+        bounds = [self.at_least, self.above, self.at_most, self.below]
+        if bounds == [self.at_least, None, None, None]:
+            return f"{_number(self.at_least)} or more"
+        if bounds == [self.at_least, None, self.at_most, None]:
+            return f"a value from {_number(self.at_least)} to {_number(self.at_most)}"
+        words = ("at least", "more than", "at most", "less than")
+        return " and ".join(f"{word} {_number(bound)}" for word, bound in zip(words, bounds) if bound is not None)
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None, below: float | None = None) -> Any:
+    """A config field with the range its values must lie in (every item's, for a list):
+    `dropout: float = setting(0.5, at_least=0, below=1)`."""
+    rule = Range(at_least=at_least, above=above, at_most=at_most, below=below)
+    return field(default=default, default_factory=factory, metadata={"range": rule})
+
+
+SEED = {"at_least": 0, "below": 2**32}  # what numpy and Keras accept as a seed
+
+
+@dataclass(frozen=True)
+class DataConfig(Section, key="data"):
     root: str = "cache/demo/digits"
     name: str = ""  # names cache files and runs; default: the root folder's name
     layout: Literal["auto", "class_folders", "split_folders", "map_file"] = "auto"
@@ -30,78 +112,86 @@ class DataConfig:
     val_map: str = ""
     test_map: str = ""
     allow_outside_root: bool = False  # map files may name files outside their folder
-    val_percent: float = 10.0  # carved from train by content hash when the layout has no val
-    test_percent: float = 10.0  # carved by content hash only when the layout has no splits
-    max_image_pixels: int = 178_956_970  # decompression-bomb guard
+    val_percent: float = setting(10.0, at_least=0, at_most=100)  # carved from train by content hash when the layout has no val
+    test_percent: float = setting(10.0, at_least=0, at_most=100)  # carved by content hash only when the layout has no splits
+    max_image_pixels: int = setting(178_956_970, at_least=1)  # decompression-bomb guard
     embedded: Literal["", "digits"] = ""  # write a bundled demo dataset into root if missing
+
+    def check_together(self) -> None:
+        if self.val_percent + self.test_percent >= 100:
+            raise ConfigError(f"data.val_percent + data.test_percent = {self.val_percent + self.test_percent:g} leaves "
+                              "nothing to train on; fix: make them add up to less than 100")
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(Section, key="cache"):
     dir: str = "cache"
     dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(Section, key="backbone"):
     name: Literal["inception_v3", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_b0"] = (
         "inception_v3"
     )
-    alpha: float = 1.0  # width multiplier, MobileNets only
+    alpha: float = setting(1.0, above=0)  # width multiplier, MobileNets only
     weights: str = "imagenet"  # "imagenet", "random", or a path to a weights file
-    seed: int = 0  # initialises "random" weights reproducibly
+    seed: int = setting(0, **SEED)  # initialises "random" weights reproducibly
     precision: Literal["float32", "bfloat16"] = "float32"
-    batch_size: int = 32
+    batch_size: int = setting(32, at_least=1)
+    compile: Literal["auto", "graph", "xla"] = "auto"  # TensorFlow's execution: measured per machine, or forced
+    runtime: Literal["auto", "tensorflow", "openvino"] = "auto"  # which runtime runs it: measured, or forced
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    workers: int = 0  # image decoding threads; 0 picks one per core
+class ExtractConfig(Section, key="extract"):
+    workers: int = setting(0, at_least=0)  # image decoding threads; 0 picks one per core
 
 
 @dataclass(frozen=True)
-class LogRegConfig:
-    c_values: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
-    max_iter: int = 1000
+class LogRegConfig(Section, key="head.logreg"):
+    c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
+    max_iter: int = setting(1000, at_least=1)
+    tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 
 @dataclass(frozen=True)
-class DenseConfig:
-    hidden_units: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.5
-    learning_rate: float = 0.001
-    batch_size: int = 64
-    epochs: int = 200
-    patience: int = 10  # early stopping on validation loss
+class DenseConfig(Section, key="head.dense"):
+    hidden_units: list[int] = setting(factory=lambda: [256], at_least=1)
+    dropout: float = setting(0.5, at_least=0, below=1)
+    learning_rate: float = setting(0.001, above=0)
+    batch_size: int = setting(64, at_least=1)
+    epochs: int = setting(200, at_least=1)
+    patience: int = setting(10, at_least=0)  # early stopping on validation loss
     class_weight: Literal["balanced", "none"] = "balanced"
-    seed: int = 0
+    seed: int = setting(0, **SEED)
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(Section, key="head"):
     kind: Literal["logreg", "dense"] = "logreg"
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
 
 
 @dataclass(frozen=True)
-class InspectConfig:
-    duplicate_similarity: float = 0.8  # cosine of centred features at which two images count as near-duplicates
-    unfamiliar_quantile: float = 0.95  # novelty threshold: this quantile of the validation images' scores
-    folds: int = 5  # cross-validation folds for the out-of-fold probabilities behind label issues
-    exact_search_up_to: int = 20000  # rows; beyond this, nearest neighbours come from faiss' HNSW index
-    map_points: int = 10000  # at most this many images on the map (a fixed random sample beyond)
-    seed: int = 0
+class InspectConfig(Section, key="inspect"):
+    duplicate_similarity: float = setting(0.8, above=0, at_most=1)  # cosine of centred features: near-duplicates
+    unfamiliar_quantile: float = setting(0.95, at_least=0.5, below=1)  # novelty threshold: this quantile of val scores
+    folds: int = setting(5, at_least=2)  # cross-validation folds behind the label-issue probabilities
+    exact_search_up_to: int = setting(20000, at_least=0)  # rows; beyond this, faiss' HNSW index
+    map_points: int = setting(10000, at_least=1)  # at most this many images on the map (a random sample beyond)
+    seed: int = setting(0, **SEED)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section, key="run"):
     dir: str = "runs"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Section):
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -159,9 +249,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    """The section `cls` from raw TOML values; unknown keys are refused here, and the
+    section checks its own values (types, choices, ranges) when it is made."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a table of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
@@ -169,15 +261,15 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         raise ConfigError(f"unknown config key {key!r}; fix: remove it or use one of: "
                           + ", ".join(prefix + n for n in sorted(names)))
     values = {}
-    for name in names & set(raw):
+    for name in sorted(names & set(raw)):
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], prefix + name + ".")
-        else:
-            values[name] = _check(prefix + name, kind, raw[name])
-        if typing.get_origin(kind) is list and not values[name]:
-            raise ConfigError(f"{prefix + name} is empty; fix: give it at least one value (see configs/example.toml)")
+        values[name] = _build(kind, raw[name], prefix + name + ".") if dataclasses.is_dataclass(kind) else raw[name]
     return cls(**values)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _check(key: str, kind: Any, value: Any) -> Any:
@@ -189,9 +281,14 @@ def _check(key: str, kind: Any, value: Any) -> Any:
         return value
     if origin is list:
         (item,) = typing.get_args(kind)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             value = [value]
         return [_check(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is tuple:  # tuple[X, ...]
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_check(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from .config import InspectConfig
-from .errors import ConfigError, PipelineError
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -289,16 +289,6 @@ def project_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------- the whole analysis
 
-def check_settings(settings: InspectConfig) -> None:
-    if not 0 < settings.duplicate_similarity <= 1:
-        raise ConfigError(f"inspect.duplicate_similarity = {settings.duplicate_similarity}: must be in (0, 1], e.g. 0.8")
-    if not 0.5 <= settings.unfamiliar_quantile < 1:
-        raise ConfigError(f"inspect.unfamiliar_quantile = {settings.unfamiliar_quantile}: must be in [0.5, 1), "
-                          "e.g. 0.99")
-    if settings.folds < 2:
-        raise ConfigError(f"inspect.folds = {settings.folds}: must be at least 2, e.g. 5")
-
-
 def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequence[str], *,
                      settings: InspectConfig, C: float, scored_split: str, project: bool = True,
                      novelty: NoveltyModel | None = None) -> tuple[DataIssues, NoveltyModel]:
@@ -309,7 +299,6 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
     """
     import time
 
-    check_settings(settings)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     images = [s["image"] for s in samples]

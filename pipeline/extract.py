@@ -10,6 +10,7 @@ next, so a crash loses at most the batch in flight.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import sys
@@ -26,7 +27,7 @@ from . import backbones, images
 from .cache import CacheWriter, FileRecord, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
-from .errors import ConfigError, DatasetError, ImageError
+from .errors import DatasetError, ImageError
 from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
@@ -42,11 +43,14 @@ class ExtractSummary:
     seconds: float = 0.0
     backbone_batches: int = 0
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
+    execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
 
     def describe(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
                  f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
+        if self.execution:
+            lines.append(self.execution)
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
@@ -65,12 +69,9 @@ class _Loaded:
 
 
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
-                make_extractor: Callable = backbones.FeatureExtractor) -> ExtractSummary:
+                make_extractor: Callable | None = None) -> ExtractSummary:
     started = time.perf_counter()
-    for key, value, least in (("backbone.batch_size", config.backbone.batch_size, 1),
-                              ("extract.workers", config.extract.workers, 0)):
-        if value < least:
-            raise ConfigError(f"{key} = {value} is below {least}; fix: set it to {least} or more")
+    make_extractor = make_extractor or functools.partial(backbones.FeatureExtractor, cache_dir=config.cache.dir)
     dataset = dataset_from_config(config)
     config = backbones.resolve_weights(config)
     fp = backbones.fingerprint(config)
@@ -138,6 +139,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 bar.update()
             commit()
         bar.close()
+        summary.execution = getattr(extractor, "description", "")
         if summary.extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)

@@ -9,6 +9,11 @@ journal, which is the commit point. Whoever finds a journal left behind calls `r
 which puts those bytes back and cuts the file to its length at `begin()`: the file is then
 byte for byte what it was after the last complete update.
 
+A journal only ever rolls back the file it was written for: its header holds that file's
+identity (the cache keeps a random id in its HDF5 user block, which HDF5 never writes). If
+the file was deleted and made afresh, the ids differ and the journal is discarded, with a
+warning, instead of pasting another file's bytes into it.
+
 It guards against the process stopping (kill -9, a crash, a full disk). It does not fsync
 before each overwrite, which would cost a disk flush per commit: after a power cut, the
 file may be damaged, and the reader says so (`extract --rebuild`) rather than read garbage.
@@ -17,12 +22,17 @@ file may be damaged, and the reader says so (`extract --rebuild`) rather than re
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 from pathlib import Path
 
-_MAGIC = b"BNCJRNL1"
-_HEADER = struct.Struct("<8sQ")  # magic, the file's length at begin()
+log = logging.getLogger(__name__)
+
+_MAGIC = b"BNCJRNL2"
+_HEADER = struct.Struct("<8sQ32s")  # magic, the file's length at begin(), the file's identity
+_MAGIC_V1, _HEADER_V1 = b"BNCJRNL1", struct.Struct("<8sQ")  # before identities: only files without one
+IDENTITY_SIZE = _HEADER.size - _HEADER_V1.size
 _RECORD = struct.Struct("<QQ")  # offset and length of the saved bytes that follow
 
 
@@ -38,9 +48,10 @@ class JournaledFile(io.FileIO):
     every later write is dropped until the caller rolls the file back.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, identity: bytes = b""):
         super().__init__(path, "r+")
         self.path = Path(path)
+        self.identity = _checked_identity(identity)
         self.error: BaseException | None = None
         self._journal: io.FileIO | None = None
         self._length = 0  # the file's length at begin()
@@ -52,7 +63,7 @@ class JournaledFile(io.FileIO):
         self._saved = []
         try:
             self._journal = io.FileIO(journal_path(self.path), "w")
-            _write_all(self._journal, _HEADER.pack(_MAGIC, self._length))
+            _write_all(self._journal, _HEADER.pack(_MAGIC, self._length, self.identity))
         except OSError as exc:  # no journal, no update: its writes are dropped like after any failed write
             self.error = exc
 
@@ -99,20 +110,24 @@ class JournaledFile(io.FileIO):
             self._saved.append((low, high))
 
 
-def roll_back(path: Path) -> None:
-    """Undo an update that did not reach `end()`, if there is one."""
+def roll_back(path: Path, identity: bytes = b"") -> None:
+    """Undo an update that did not reach `end()`, if there is one. `identity` is the file's
+    identity now; a journal written for another file is discarded with a warning."""
     journal = journal_path(path)
     try:
         data = journal.read_bytes()
     except FileNotFoundError:
         return
-    if len(data) >= _HEADER.size:  # a shorter journal was cut off before the file was touched
-        magic, length = _HEADER.unpack_from(data)
-        if magic != _MAGIC:
-            raise OSError(f"{journal} is not a journal written by this tool")
+    header = _header(journal, data)
+    if header is not None:  # else it was cut off before the file was touched
+        position, length, written_for = header
+        if written_for != _checked_identity(identity):
+            log.warning("%s was left by an unfinished update of another file, since deleted or replaced; it is "
+                        "discarded, and %s is left as it is", journal, path.name)
+            journal.unlink()
+            return
         with open(path, "r+b") as target:
             target.truncate(length)
-            position = _HEADER.size
             while position + _RECORD.size <= len(data):
                 offset, size = _RECORD.unpack_from(data, position)
                 position += _RECORD.size
@@ -124,6 +139,26 @@ def roll_back(path: Path) -> None:
             target.flush()
             os.fsync(target.fileno())
     journal.unlink()
+
+
+def _header(journal: Path, data: bytes) -> tuple[int, int, bytes] | None:
+    """(header size, the file's length at begin(), the identity of the file it was written for),
+    or None for a journal cut off inside its header."""
+    for magic, header in ((_MAGIC, _HEADER), (_MAGIC_V1, _HEADER_V1)):
+        if data.startswith(magic):
+            if len(data) < header.size:
+                return None
+            _, length, *written_for = header.unpack_from(data)
+            return header.size, length, written_for[0] if written_for else bytes(IDENTITY_SIZE)
+    if len(data) < _HEADER_V1.size:
+        return None
+    raise OSError(f"{journal} is not a journal written by this tool")
+
+
+def _checked_identity(identity: bytes) -> bytes:
+    if len(identity) > IDENTITY_SIZE:
+        raise ValueError(f"a file identity holds at most {IDENTITY_SIZE} bytes, got {len(identity)}")
+    return identity.ljust(IDENTITY_SIZE, b"\0")
 
 
 def _uncovered(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

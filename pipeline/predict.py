@@ -14,6 +14,7 @@ costs in coverage and buys in accuracy on held-out data).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -83,15 +84,17 @@ class PredictResult:
 
 
 def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None = None, out_path: Path | None = None,
-                progress: bool = True, make_extractor: Callable = backbones.FeatureExtractor,
+                progress: bool = True, make_extractor: Callable | None = None,
                 unfamiliar: bool = False) -> PredictResult:
     """Score images; each gets its novelty score, and with `unfamiliar` those past the run's
-    novelty threshold (report/data_issues.json, novelty.h5) become "unknown"."""
+    novelty threshold (novelty.h5, as in report/data_issues.json) become "unknown"."""
     started = time.perf_counter()
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
     run = load_run(run_dir)
     backbone = run_backbone(run)
+    make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
+        backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
     paths = find_images(inputs)
     predictions = [Prediction(str(path)) for path in paths]
     features = _features(run, backbone, paths, predictions, progress, make_extractor)

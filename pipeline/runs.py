@@ -30,10 +30,11 @@ class Run:
     info: dict
 
 
-def new_run_dir(config: Config) -> Path:
+def new_run_dir(config: Config, model: str = "") -> Path:
+    """A new `<time>-<model>` folder; `model` defaults to `<backbone>-<head>`."""
     base = Path(config.run.dir) / config.dataset_name
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{config.backbone.name}-{config.head.kind}"
+    name = f"{stamp}-{model or f'{config.backbone.name}-{config.head.kind}'}"
     candidate, n = base / name, 1
     while candidate.exists():
         n += 1

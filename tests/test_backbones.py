@@ -52,41 +52,6 @@ def test_bfloat16_policy_is_used_and_close_to_float32():
     assert cosine.min() > 0.98
 
 
-def test_full_batches_run_compiled_and_agree_with_partial_ones(keras_home, flowers5):
-    """A full batch goes through XLA, a partial one through the plain graph: an image's
-    features must not depend on which (real weights, real photos)."""
-    from pipeline import images
-
-    config = load_config(None, ["backbone.name=mobilenet", "backbone.alpha=0.25", "backbone.batch_size=4"]).backbone
-    extractor = backbones.FeatureExtractor(config)
-    paths = sorted(flowers5.glob("train/*/*.jpg"))[::40][:4]
-    batch = np.stack([images.decode_image(path.read_bytes(), 224) for path in paths])
-    full, partial = extractor(batch), extractor(batch[:3])
-    assert extractor._xla.experimental_get_tracing_count() == 1, "the full batch was compiled"
-    assert extractor._graph.experimental_get_tracing_count() == 1, "the partial batch ran the plain graph"
-    np.testing.assert_allclose(partial, full[:3], rtol=1e-4, atol=1e-5)  # float rounding, fused differently
-
-
-def test_where_xla_cannot_compile_it_says_so_once_and_runs_uncompiled(capsys):
-    import tensorflow as tf
-
-    config = load_config(None, ["backbone.name=mobilenet", "backbone.alpha=0.25", "backbone.weights=random",
-                                "backbone.batch_size=2"]).backbone
-    extractor = backbones.FeatureExtractor(config)
-
-    def no_compiler(batch):
-        raise tf.errors.InternalError(None, None, "libdevice not found at ./libdevice.10.bc\nmore detail")
-
-    extractor._xla = no_compiler
-    batch = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    first, second = extractor(batch), extractor(batch)
-    warning = capsys.readouterr().err
-    assert warning.count("warning: XLA could not compile") == 1 and "libdevice not found" in warning
-    assert "more detail" not in warning, "one line"
-    np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(first, extractor._graph(batch).numpy(), rtol=1e-6)
-
-
 @pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("fpu avx512f avx512_bf16", True),
                                            ("fpu amx_tile amx_bf16", True)])
 def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, native):

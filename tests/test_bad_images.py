@@ -25,8 +25,8 @@ from pipeline.dataset import shown
 from pipeline.extract import run_extract
 from pipeline.features import dataset_from_config, open_cache
 
-from conftest import REPO, tiny_config
-from pipeline_helpers import KeptExtractor, cli_args
+from conftest import REPO, tiny_config, write_image
+from pipeline_helpers import KeptExtractor, cli_args, permissions_enforced
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -165,11 +165,8 @@ def build_corpus(root, flowers5):
         reasons[relpath] = reason
     permission = root / "roses" / "chmod 000.png"
     permission.write_bytes(encode(quadrants(60, 40), "PNG"))
-    permission.chmod(0)
-    if os.geteuid() == 0:  # root reads it anyway (CI runs as root), and so it is a valid image there
-        truth["roses/chmod 000.png"] = (quadrants(60, 40), 2)
-    else:
-        reasons["roses/chmod 000.png"] = "Permission denied"
+    permission.chmod(0)  # refused to root too, by permissions_enforced
+    reasons["roses/chmod 000.png"] = "cannot read the file (Permission denied)"
     os.symlink("/proc/self/mem", root / "roses" / "unreadable.jpg")  # a file whose reads fail, even for root
     reasons["roses/unreadable.jpg"] = "cannot read the file (Input/output error)"
     os.symlink("loop.jpg", root / "roses" / "loop.jpg")
@@ -194,7 +191,8 @@ def corpus(tmp_path_factory, flowers5):
     root = tmp_path / "garden"
     truth, reasons = build_corpus(root, flowers5)
     config = tiny_config(tmp_path, root, **{"data.val_percent": 20.0, "data.test_percent": 20.0})
-    summary = run_extract(config, progress=False, make_extractor=KeptExtractor)
+    with permissions_enforced():
+        summary = run_extract(config, progress=False, make_extractor=KeptExtractor)
     yield tmp_path, config, summary, truth, reasons
     (root / "roses" / "chmod 000.png").chmod(0o644)  # so that pytest can clean up
 
@@ -231,8 +229,22 @@ def test_every_invalid_file_is_skipped_with_a_one_line_reason(corpus):
     with open_cache(config) as cache:  # undecodable content is recorded in the cache, with its reason
         recorded = {path: reason for path, reason in cache.failures().values()}
     for relpath in ("daisy/empty.jpg", "daisy/truncated.jpg", "roses/saved web page.jpg", "roses/bomb.png",
-                    "roses/unreadable.jpg"):
+                    "roses/unreadable.jpg", "roses/chmod 000.png"):
         assert recorded[relpath] == skipped[relpath]
+
+
+def test_a_folder_that_cannot_be_read_is_one_line_naming_it(tmp_path, tiny_dataset, capsys):
+    (tiny_dataset / "owl" / "more owls").mkdir()
+    write_image(tiny_dataset / "owl" / "more owls" / "owl_9.png", seed=9)
+    (tiny_dataset / "owl" / "more owls").chmod(0)
+    try:
+        with permissions_enforced():
+            status = main(["extract", "--no-progress", *cli_args(tiny_config(tmp_path, tiny_dataset))])
+    finally:
+        (tiny_dataset / "owl" / "more owls").chmod(0o755)
+    assert (status, capsys.readouterr().err.splitlines()) == (2, [
+        f"error: cannot read folder {tiny_dataset / 'owl' / 'more owls'} (Permission denied); fix: make it readable or "
+        "move it out of data.root"])
 
 
 def test_the_summary_counts_and_lists_the_skipped_files(corpus):

@@ -18,6 +18,7 @@ from pipeline.runs import load_run
 from pipeline.train import run_train
 
 from conftest import tiny_config, write_image
+from pipeline_helpers import permissions_enforced
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +68,18 @@ def test_cached_images_skip_the_backbone_new_ones_are_batched_bad_ones_get_a_lin
     shutil.copy(root / "owl" / "owl_3.png", new / "owl_copy.png")  # cached content under another name
     (new / "broken.jpg").write_bytes(b"not an image at all")
     (new / "notes.txt").write_text("not an image name: never picked up")
+    write_image(new / "locked.png", seed=950).chmod(0)
     counting = CountingExtractor()
-    result = run_predict(run_dir, [str(root / "cat"), str(new)], progress=False, out_path=tmp_path / "out.jsonl",
-                         make_extractor=counting)
+    with permissions_enforced():
+        result = run_predict(run_dir, [str(root / "cat"), str(new)], progress=False, out_path=tmp_path / "out.jsonl",
+                             make_extractor=counting)
     assert counting.batches == [5]  # only the new content, in one batch of at most backbone.batch_size (8)
     names = [p.image for p in result.predictions]
     assert names == sorted(str(p) for p in (root / "cat").glob("*.png")) + sorted(str(p) for p in new.iterdir()
                                                                                   if p.suffix != ".txt")
     by_name = {p.image: p for p in result.predictions}
     assert by_name[str(new / "broken.jpg")].error.startswith("not an image Pillow can read")
+    assert by_name[str(new / "locked.png")].error == "cannot read the file (Permission denied)"
     assert by_name[str(new / "owl_copy.png")].cached and not by_name[str(new / "fresh_0.png")].cached
     expected = report_probabilities(run_dir, [f"cat/cat_{i}.png" for i in range(8)] + ["owl/owl_3.png"])
     got = np.array([by_name[str(root / "cat" / f"cat_{i}.png")].probabilities for i in range(8)]
