@@ -48,11 +48,12 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     out_dir = run.dir / "report"
     context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
     context["seconds"] = timings
+    if issues is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        context["data_issues"] = {"summary": issues.summary(), "file": str(issues.write(out_dir))}
     images, true_labels = [s["image"] for s in chosen], [s["label"] for s in chosen]
     metrics = write_report(out_dir, labels=run.labels, images=images, true_labels=true_labels,
                            probabilities=probabilities, split=split, context=context)
-    if issues is not None:
-        metrics["data_issues"] = {"summary": issues.summary(), "file": str(issues.write(out_dir))}
     write_html_report(out_dir / "report.html", run=run, metrics=metrics, images=images, true_labels=true_labels,
                       probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts,
                       data_issues=issues)

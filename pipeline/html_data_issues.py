@@ -203,7 +203,8 @@ _MAP_JS = """
 (function(){
   var canvas = document.getElementById('map'), block = document.getElementById('map-data');
   if (!canvas || !block) return;
-  var d = JSON.parse(block.textContent), ctx = canvas.getContext('2d'), tip = document.getElementById('tip');
+  var d = JSON.parse(block.textContent), ctx = canvas.getContext('2d');
+  function tipBox(){ return document.getElementById('tip'); }  // after <main>: not parsed yet when this runs
   var atlas = document.getElementById('map-atlas'), picked = -1, pad = 14;
   var W = canvas.width, H = canvas.height;
   function px(p){ return [pad + p[0] * (W - 2 * pad), pad + (1 - p[1]) * (H - 2 * pad)]; }
@@ -234,7 +235,7 @@ _MAP_JS = """
     return best;
   }
   canvas.addEventListener('mousemove', function(e){
-    var i = nearest(e);
+    var i = nearest(e), tip = tipBox();
     if (i < 0){ tip.hidden = true; return; }
     var p = d.points[i];
     tip.textContent = '';
@@ -252,7 +253,7 @@ _MAP_JS = """
     tip.style.left = Math.min(e.clientX + 14, window.innerWidth - 370) + 'px';
     tip.style.top = (e.clientY + 14) + 'px';
   });
-  canvas.addEventListener('mouseleave', function(){ tip.hidden = true; });
+  canvas.addEventListener('mouseleave', function(){ tipBox().hidden = true; });
   document.querySelectorAll('#map-legend button').forEach(function(b){
     b.addEventListener('click', function(){
       var c = +b.dataset.c;

@@ -5,6 +5,7 @@ the suite lean."""
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,12 @@ def flowers(tmp_path_factory, flowers5, keras_home):
     return run, copies, args
 
 
+def _same_photo(a, b) -> bool:
+    """Equal 64x64 greyscale thumbnails up to JPEG noise (mean difference under 3 of 255)."""
+    pixels = [np.asarray(Image.open(path).convert("L").resize((64, 64)), float) for path in (a, b)]
+    return float(np.abs(pixels[0] - pixels[1]).mean()) < 3
+
+
 def latest_run_dir(runs):
     return sorted(runs.glob("*/*/run.json"))[-1].parent
 
@@ -106,15 +113,19 @@ def test_copies_in_val_are_found_as_cross_split_near_duplicates(flowers):
     for copy, original in copies.items():
         pair = pairs[tuple(sorted([copy, original]))]
         assert sorted(pair["splits"]) == ["train", "val"] and pair["similarity"] >= 0.8
-    planted = {tuple(sorted(item)) for item in copies.items()}
-    false = [p for p, d in pairs.items() if p not in planted and set(d["splits"]) == {"train", "val"}]
+    # a pair is right when its two files show the same photo: a planted copy with its original, or
+    # with a duplicate of it that flowers5 already holds (judged on pixels, not on features)
+    root = Path(run.config.data.root)
+    photo = {image: copies.get(image, image) for pair in pairs for image in pair}
+    false = [p for p, d in pairs.items() if set(d["splits"]) == {"train", "val"}
+             and not _same_photo(root / photo[p[0]], root / photo[p[1]])]
     assert len(false) <= 2, false
     similarities = [d["similarity"] for d in report["near_duplicates"]]
     assert similarities == sorted(similarities, reverse=True)
     leaked = {image for d in report["near_duplicates"] if sorted(d["splits"]) == ["train", "val"]
               for image, split in zip(d["images"], d["splits"]) if split == "val"}
     metrics = json.loads((run.dir / "report" / "metrics.json").read_text())
-    assert f"{len(leaked)} val image(s) nearly duplicate training images" in metrics["data_issues"]["summary"]
+    assert f"{len(leaked)} val image(s) nearly duplicate training images" in metrics["context"]["data_issues"]["summary"]
 
 
 def test_unfamiliar_threshold_is_saved_and_predict_maps_ants_and_bees_to_unknown(flowers, hymenoptera, tmp_path):
