@@ -10,6 +10,7 @@ how many were skipped, so `make extract train report` goes on past a few bad pho
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     extract = stages.add_parser("extract", parents=[common], help="run new images through the backbone into the cache")
     extract.add_argument("--rebuild", action="store_true", help="delete this cache file and extract everything again")
     extract.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    extract.add_argument("--engine", choices=["local", "dask"], help="local (default) or dask: shards on a Dask "
+                         "cluster (sets extract.engine)")
+    extract.add_argument("--address", metavar="tcp://HOST:PORT", help="the Dask scheduler to use (sets "
+                         "extract.address; default: a local cluster, one worker per core)")
     extract.add_argument("--strict", action="store_true", help=f"exit with status {EXIT_SKIPPED} when any image was "
                          "skipped or any warning given (default: 0, with the skipped images listed)")
     stages.add_parser("train", parents=[common], help="train a head on the cached features")
@@ -50,12 +55,19 @@ def _parser() -> argparse.ArgumentParser:
                           "(default 10)")
     baseline.add_argument("--image-size", type=int, help="pixels per side the images are resized to (default 96)")
     baseline.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    finetune = stages.add_parser("finetune", parents=[common], help="train the top of the backbone with a trained "
+                                 "head (slow; see the estimate it prints), report it and add it to the comparison")
+    finetune.add_argument("--run", type=Path, help="the head run to start from (default: the newest head run of "
+                          "this config)")
+    finetune.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     bench = stages.add_parser("bench", parents=[common], help="measure extraction speed (naive, ceiling, pipeline), "
                               "memory and bf16 agreement; see README")
     bench.add_argument("--images", type=Path, help="folder of photos to extract (default: ../shared/datasets/flowers5)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON results (default: %(default)s)")
     bench.add_argument("--memory-sizes", nargs=2, type=int, default=[500, 5000], metavar="N",
                        help="the two image counts of the peak-memory check (default: 500 5000)")
+    bench.add_argument("--big-cache", action="store_true", help="instead: train both heads on a synthetic cache of "
+                       "1,000,000 x 1,280 float16 rows (2.5 GB in a temporary folder) and report time and peak memory")
     predict = stages.add_parser("predict", parents=[common], help="score new images with a trained run: JSON lines "
                                 "and a top-k table")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern (repeatable)")
@@ -86,12 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     # bar; errors still show, and a value the user set wins
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        for key, value in (("engine", getattr(args, "engine", None)), ("address", getattr(args, "address", None))):
+            if value is not None:
+                overrides.append(f"extract.{key}={json.dumps(value)}")
+        config = load_config(args.config, overrides)
         if args.stage == "extract":
             from .extract import run_extract
 
             summary = run_extract(config, rebuild=args.rebuild, progress=not args.no_progress)
             _print_result(summary)
+            if summary.failed_shards:
+                return 2
             if args.strict and (summary.failed or summary.warnings):
                 return EXIT_SKIPPED
         elif args.stage == "train":
@@ -112,14 +130,35 @@ def main(argv: list[str] | None = None) -> int:
             result = run_baseline(config, settings, progress=not args.no_progress)
             _print_result(result)
             _print_report(*run_report(result.run_dir))
+        elif args.stage == "finetune":
+            from tqdm import tqdm
+
+            from .evaluate import run_report
+            from .finetune import run_finetune
+
+            result = run_finetune(config, args.run, progress=not args.no_progress,
+                                  announce=lambda line: tqdm.write(line, file=sys.stderr))
+            _print_result(result)
+            _print_report(*run_report(result.run_dir))
         elif args.stage in ("sweep", "compare"):
-            from .compare import format_table, run_compare, run_sweep
+            from .compare import format_ladder, format_table, run_compare, run_sweep
 
             if args.stage == "sweep":
                 run_sweep(args.config, args.overrides, args.vary, progress=not args.no_progress)
             rows, html_path = run_compare(config)
             print(format_table(rows))
+            print()
+            print(format_ladder(rows))
             print(f"compare: {html_path}")
+        elif args.stage == "bench" and args.big_cache:
+            from .big_cache_bench import format_big_cache, run_big_cache_bench
+
+            result = run_big_cache_bench()
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            out = args.out.with_name("bench_big_cache.json")
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(format_big_cache(result))
+            print(f"bench: {out}")
         elif args.stage == "bench":
             from .bench import BenchOptions, format_table, run_bench, write_json
 

@@ -146,7 +146,12 @@ class BackboneConfig(Section, key="backbone"):
 
 @dataclass(frozen=True)
 class ExtractConfig(Section, key="extract"):
-    workers: int = setting(0, at_least=0)  # image decoding threads; 0 picks one per core
+    workers: int = setting(0, at_least=0)  # image decoding threads; 0 picks one per core (a Dask worker's share)
+    engine: Literal["local", "dask"] = "local"  # dask: shards of images on a Dask cluster (pip install '.[dask]')
+    address: str = ""  # the Dask scheduler, e.g. tcp://host:8786; empty: a local cluster, one worker per core
+    shard_size: int = setting(256, at_least=1)  # images per Dask task (and per shard file)
+    dask_workers: int = setting(0, at_least=0)  # worker processes of a local Dask cluster; 0: one per core
+    retries: int = setting(2, at_least=0)  # times a shard is run again after an error on its worker
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,26 @@ class InspectConfig(Section, key="inspect"):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(Section, key="finetune"):
+    """Training the top of the backbone with the head, starting from a trained head run."""
+    unfreeze: float = setting(0.5, above=0)  # below 1: that share of the backbone's weighted layers; 1 or more: blocks
+    learning_rate: float = setting(1e-4, above=0)  # Adam's peak rate, reached after the warm-up
+    warmup_epochs: float = setting(1.0, at_least=0)  # linear warm-up from zero: the first steps cannot wreck the head
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up: cosine decay to zero at `epochs`
+    epochs: int = setting(12, at_least=1)  # upper bound; early stopping on validation ends sooner
+    patience: int = setting(4, at_least=1)  # epochs without a better validation accuracy (ties: lower loss)
+    batch_size: int = setting(32, at_least=1)
+    augment: bool = True  # mirror, zoom-and-crop, brightness and contrast, in tf.data
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = setting(0, **SEED)
+
+    def check_together(self) -> None:
+        if self.unfreeze >= 1 and not float(self.unfreeze).is_integer():
+            raise ConfigError(f"finetune.unfreeze = {self.unfreeze!r}: below 1 it is a share of the layers, from 1 "
+                              "on a whole number of blocks; fix: use e.g. 0.5 or 2")
+
+
+@dataclass(frozen=True)
 class RunConfig(Section, key="run"):
     dir: str = "runs"
 
@@ -198,6 +223,7 @@ class Config(Section):
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
