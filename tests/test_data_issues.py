@@ -184,3 +184,20 @@ def test_data_sections_render_in_chromium_with_hostile_names(flowers):
         page.evaluate("document.querySelector('#map-legend button').click()")
         assert page.evaluate("document.querySelectorAll('#map-legend button.on').length") == 1
         assert page.problems() == []
+
+
+def test_the_large_set_index_finds_what_exact_search_finds(flowers):
+    """Beyond inspect.exact_search_up_to rows the neighbours come from faiss HNSW: same pairs on real features."""
+    from pipeline.data_issues import FeatureSpace, NeighbourIndex, find_near_duplicates
+
+    run, _, _ = flowers
+    features = _features(run)
+    vectors = FeatureSpace.fit(features).transform(features)
+    images, splits = [s["image"] for s in run.samples], [s["split"] for s in run.samples]
+    exact, approximate = NeighbourIndex(vectors, exact_up_to=len(vectors)), NeighbourIndex(vectors, exact_up_to=0)
+    assert exact.exact and not approximate.exact
+    np.testing.assert_allclose(exact.search(vectors, 5)[0], approximate.search(vectors, 5)[0], atol=1e-5)
+    found = [{d.images: d.similarity for d in find_near_duplicates(vectors, images, splits, index, 0.8)}
+             for index in (exact, approximate)]
+    assert found[0].keys() == found[1].keys() and len(found[0]) >= 20
+    assert all(abs(found[0][pair] - found[1][pair]) < 1e-5 for pair in found[0])
