@@ -77,6 +77,12 @@ def cpu_computes_bfloat16() -> bool:
     return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@functools.cache
+def _say_bfloat16_is_float32() -> None:
+    log.warning("warning: this CPU has no bfloat16 instructions, so OpenVINO computes the bfloat16 backbone in "
+                "float32 (as precise, no faster)")
+
+
 def ir_identity(backbone: BackboneConfig) -> dict | None:
     """What the converted graph computes, and with which converter; None while ImageNet
     weights are still to be downloaded. Precision, decoding and stored dtype are not in it:
@@ -117,7 +123,11 @@ def load_or_convert(backbone: BackboneConfig, ir_dir: Path | None,
     if model is None:
         model = convert(backbone, float32_backbone)
         if files is not None:
-            _save_ir(model, files, identity)
+            try:
+                _save_ir(model, files, identity)
+            except OSError as exc:  # a read-only or full cache folder costs a conversion per run, nothing else
+                log.warning("warning: could not keep the OpenVINO IR in %s (%s); it is converted again next run",
+                            files.xml.parent, exc.strerror or exc)
     return model
 
 
@@ -150,8 +160,8 @@ def convert(backbone: BackboneConfig, float32_backbone: execution.LoadedBackbone
 
 
 def _save_ir(model, files: IRFiles, identity: dict) -> None:
-    """Both files under temporary names, renamed into place, then the manifest: a crash
-    leaves either the old state or a complete IR, and concurrent writers never mix files."""
+    """Both files under temporary names, renamed into place, then the manifest: a crash leaves
+    no manifest or a complete IR, and if two writers interleave, the checksums refuse the mix."""
     import openvino
 
     files.xml.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +203,7 @@ class OpenVINOExtractor:
         self.performance_hint = performance_hint
         self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it computes in
         if backbone.precision == "bfloat16" and not cpu_computes_bfloat16():
-            log.warning("warning: this CPU has no bfloat16 instructions, so OpenVINO computes the bfloat16 "
-                        "backbone in float32 (as precise, no faster)")
+            _say_bfloat16_is_float32()
         requests = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._requests = [self._compiled.create_infer_request() for _ in range(max(1, requests))]
 

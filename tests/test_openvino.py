@@ -31,9 +31,9 @@ class CountingConverter:
         self.calls, self._convert = 0, openvino_runtime.convert
         monkeypatch.setattr(openvino_runtime, "convert", self)
 
-    def __call__(self, backbone):
+    def __call__(self, *args):
         self.calls += 1
-        return self._convert(backbone)
+        return self._convert(*args)
 
 
 @pytest.fixture(scope="module")
