@@ -7,6 +7,7 @@
 #   make sweep [VARY='head.dense.dropout=[0.2, 0.5]']   several heads on one cache, then the comparison table
 #   make compare                              this dataset's runs side by side (terminal + runs/<dataset>/compare.html)
 #   make baseline [EPOCHS=100 IMAGE_SIZE=96]  a small CNN from scratch on the raw images, for comparison
+#   make finetune [RUN=runs/<dataset>/<head run>]  the top of the backbone trained with a head (default: the newest)
 #   make bench [IMAGES=dir]                   extraction speed, memory and bf16 agreement (runs/bench.json)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -15,7 +16,7 @@ CONFIG ?= configs/default.toml
 SET    ?=
 ARGS   := --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-.PHONY: demo extract train report predict export compare sweep baseline bench test clean
+.PHONY: demo extract train report predict export compare sweep baseline finetune bench test chromium clean
 
 demo: extract train report
 
@@ -44,11 +45,26 @@ sweep: $(VENV)/.installed
 baseline: $(VENV)/.installed
 	$(PY) -m pipeline baseline $(ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
+finetune: $(VENV)/.installed
+	$(PY) -m pipeline finetune $(ARGS) $(if $(RUN),--run $(RUN))
+
 bench: $(VENV)/.installed
 	$(PY) -m pipeline bench $(ARGS) $(if $(IMAGES),--images $(IMAGES))
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest
+
+# The HTML report is tested in a real browser: Debian's Chromium, installed when missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if command -v apt-get >/dev/null; then \
+		echo "installing Chromium (Debian's chromium), which the HTML report's tests open the report in"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; \
+	else \
+		echo "make test needs Chromium and apt-get is not here: install it yourself (dnf install chromium, brew install --cask chromium, ...) and run make test again" >&2; \
+		exit 2; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

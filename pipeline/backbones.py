@@ -30,6 +30,7 @@ class BackboneSpec:
     constructor: str  # attribute of keras.applications
     module: str  # keras.applications submodule whose preprocess_input belongs to the model
     input_size: int
+    block_end: str  # regex matching the last layer of each block, for `finetune.unfreeze` counted in blocks
     has_alpha: bool = False
 
     def weights_file_name(self, alpha: float) -> str:
@@ -52,11 +53,11 @@ _NO_TOP_FILES = {
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299),
-        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, has_alpha=True),
-        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, has_alpha=True),
-        BackboneSpec("resnet50", "ResNet50", "resnet50", 224),
-        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224),
+        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299, r"mixed\d+"),
+        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, r"conv_pw_\d+_relu", has_alpha=True),
+        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, r"block_\d+_project_BN", has_alpha=True),
+        BackboneSpec("resnet50", "ResNet50", "resnet50", 224, r"conv\d_block\d+_out"),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, r"block\d[a-z]_project_bn"),
     )
 }
 

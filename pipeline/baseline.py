@@ -10,27 +10,23 @@ optional: nothing else depends on it. TensorFlow is imported only when it runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from .config import SEED, Config, Section, setting
-from .dataset import ImageEntry, assign_splits
-from .errors import DatasetError, ImageError
+from .dataset import assign_splits
+from .errors import DatasetError
 from .features import CachedImages, dataset_from_config, trainable
 from .html_report import conflict_groups
-from .images import read_and_decode
-from .runs import Run, new_run_dir, save_run
+from .pixel_models import decode_images, model_record
+from .runs import new_run_dir, save_run
 
 FROM_SCRATCH = "scratch_cnn"  # run.json "head" of a baseline run, which also says "from_scratch": true
-MODEL_FILE = "model.keras"
 
 
 @dataclass(frozen=True)
@@ -96,9 +92,11 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
     run_dir = new_run_dir(config, "scratch-cnn")  # beside the transfer runs
-    model.save(run_dir / MODEL_FILE)
+    record = model_record(settings.image_size)
+    model.save(run_dir / record["file"])
     params = {**dataclasses.asdict(settings), "best_epoch": best["epoch"]}
-    info = {"head": FROM_SCRATCH, "from_scratch": True, "params": params, "val_accuracy": best["val_accuracy"],
+    info = {"head": FROM_SCRATCH, "from_scratch": True, "model": record, "params": params,
+            "val_accuracy": best["val_accuracy"],
             "split_sizes": split_sizes, "failed_images": len(failed), "label_conflicts": conflict_warnings,
             "label_conflict_files": conflict_groups(dataset.entries, keys), "fingerprint": None, "cache": None,
             "dataset": config.dataset_name, "train_seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -107,46 +105,20 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
                           seconds, dataset.warnings + conflict_warnings)
 
 
-def decode_images(entries: Sequence[ImageEntry], size: int, config: Config, *,
-                  progress: bool) -> tuple[dict[str, tuple[str, np.ndarray]], dict[str, str]]:
-    """relpath -> (content hash, pixels) from one read per file, and relpath -> why it failed.
-
-    The hash is the cache's key, so splits match the transfer runs' image for image; the
-    decoding is the backbones' own, so both sides see the same pixels.
-    """
-    workers = config.extract.workers or os.cpu_count() or 1
-    max_pixels = config.data.max_image_pixels
-
-    def load(entry: ImageEntry):
-        try:
-            return entry.relpath, read_and_decode(entry.path, size, max_pixels=max_pixels), None
-        except ImageError as exc:
-            return entry.relpath, None, str(exc)
-
-    decoded, failed = {}, {}
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        results = tqdm(pool.map(load, entries), total=len(entries), unit="img", desc="decode",
-                       disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        for relpath, result, error in results:
-            if error is None:
-                decoded[relpath] = result
-            else:
-                failed[relpath] = error
-    return decoded, failed
-
-
-def input_pipeline(images: np.ndarray, labels: np.ndarray, *, batch_size: int, training: bool, seed: int = 0):
-    """tf.data batches of float32 pixels in 0..255; training ones shuffled and augmented per epoch.
+def input_pipeline(images: np.ndarray, labels: np.ndarray, *, batch_size: int, training: bool, seed: int = 0,
+                   augment: bool = True):
+    """tf.data batches of float32 pixels in 0..255; training ones shuffled (and augmented) per epoch.
 
     Augmentation (mirror, zoom-and-crop, brightness, contrast) is what keeps a CNN that
-    sees a few hundred images from memorising them; it runs in tf.data, off the model.
+    sees a few hundred images from memorising them; it runs in tf.data, off the model, so
+    the saved model has no augmentation layers. Fine-tuning uses the same pipeline.
     """
     import tensorflow as tf
 
     size = images.shape[1]
     zoomed = int(round(size * 1.15))
 
-    def augment(image, label):
+    def augmented(image, label):
         image = tf.cast(image, tf.float32)
         image = tf.image.random_flip_left_right(image)
         image = tf.image.resize(image, (zoomed, zoomed))
@@ -161,7 +133,7 @@ def input_pipeline(images: np.ndarray, labels: np.ndarray, *, batch_size: int, t
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if training:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(augment if training else plain, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(augmented if training and augment else plain, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -214,30 +186,3 @@ def train_cnn(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray
     history = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in fitted.history.items()})
                for i in range(len(fitted.history["loss"]))]
     return model, history
-
-
-def predict_samples(run: Run, samples: Sequence[dict], image_root: Path | None, *,
-                    progress: bool = False) -> np.ndarray:
-    """Class probabilities of a baseline run for these samples, re-read from the dataset folder.
-
-    The report stage calls this where a transfer run would read the cache. A file whose
-    content changed since training would be scored as something it was not: refused.
-    """
-    import keras
-
-    if image_root is None:
-        raise DatasetError(f"the images of baseline run {run.dir} are not where its config.toml says "
-                           f"(data.root = {run.config.data.root}); fix: restore the folder, or run "
-                           "`make baseline` again")
-    if not samples:
-        return np.zeros((0, len(run.labels)))
-    size = run.info["params"]["image_size"]
-    entries = [ImageEntry(image_root / s["image"], s["image"], s["label"], s["split"]) for s in samples]
-    decoded, failed = decode_images(entries, size, run.config, progress=progress)
-    changed = [s["image"] for s in samples if s["image"] in failed or decoded[s["image"]][0] != s["key"]]
-    if changed:
-        raise DatasetError(f"{len(changed)} image(s) of baseline run {run.dir} are missing or changed since it was "
-                           f"trained (e.g. {image_root / changed[0]}); fix: run `make baseline` again")
-    model = keras.saving.load_model(run.dir / MODEL_FILE, safe_mode=True)
-    pixels = np.stack([decoded[s["image"]][1] for s in samples]).astype(np.float32)
-    return np.asarray(model.predict(pixels, batch_size=64, verbose=0), np.float64)

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                           "(default 10)")
     baseline.add_argument("--image-size", type=int, help="pixels per side the images are resized to (default 96)")
     baseline.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    finetune = stages.add_parser("finetune", parents=[common], help="train the top of the backbone with a trained "
+                                 "head (slow; see the estimate it prints), report it and add it to the comparison")
+    finetune.add_argument("--run", type=Path, help="the head run to start from (default: the newest head run of "
+                          "this config)")
+    finetune.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     bench = stages.add_parser("bench", parents=[common], help="measure extraction speed (naive, ceiling, pipeline), "
                               "memory and bf16 agreement; see README")
     bench.add_argument("--images", type=Path, help="folder of photos to extract (default: ../shared/datasets/flowers5)")
@@ -110,13 +115,25 @@ def main(argv: list[str] | None = None) -> int:
             result = run_baseline(config, settings, progress=not args.no_progress)
             _print_result(result)
             _print_report(*run_report(result.run_dir))
+        elif args.stage == "finetune":
+            from tqdm import tqdm
+
+            from .evaluate import run_report
+            from .finetune import run_finetune
+
+            result = run_finetune(config, args.run, progress=not args.no_progress,
+                                  announce=lambda line: tqdm.write(line, file=sys.stderr))
+            _print_result(result)
+            _print_report(*run_report(result.run_dir))
         elif args.stage in ("sweep", "compare"):
-            from .compare import format_table, run_compare, run_sweep
+            from .compare import format_ladder, format_table, run_compare, run_sweep
 
             if args.stage == "sweep":
                 run_sweep(args.config, args.overrides, args.vary, progress=not args.no_progress)
             rows, html_path = run_compare(config)
             print(format_table(rows))
+            print()
+            print(format_ladder(rows))
             print(f"compare: {html_path}")
         elif args.stage == "bench":
             from .bench import BenchOptions, format_table, run_bench, write_json

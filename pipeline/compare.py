@@ -3,7 +3,9 @@
 Heads retrain on cached features in seconds, so trying several is how users choose. The
 table is ranked by validation accuracy and the best run is marked by it, because picking
 by test accuracy would quietly tune on the test set; test metrics are shown beside it.
-The from-scratch baseline lands in the same table, labelled, to show what transfer buys.
+The from-scratch baseline lands in the same table, labelled, to show what transfer buys,
+and "the ladder" sums it up: the best run of each kind, from scratch to fine-tuned, with
+what each scores and costs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,38 @@ DEFAULT_GRID: tuple[tuple[str, ...], ...] = (
 _SCRATCH_KEY_PARAMS = ("image_size", "best_epoch")
 
 
+@dataclass(frozen=True)
+class Rung:
+    """One step of the ladder: a kind of model, from no transfer at all to a fine-tuned backbone."""
+    name: str
+    fill: str  # the command that adds a run of this kind
+
+
+# What each step buys and costs, in order: the ml4a notebook's from-scratch versus transfer
+# comparison carried to its end.
+LADDER = (
+    Rung("from scratch (small CNN, no transfer)", "make baseline"),
+    Rung("frozen backbone + head", "make train"),
+    Rung("frozen + views / richer features", "make train SET='augment.views=4' (or backbone.pool_blocks=2)"),
+    Rung("frozen + test-time augmentation", "make train SET='head.tta=\"flip\"'"),
+    Rung("fine-tuned backbone + head", "make finetune"),
+)
+
+
+def rung_of(info: dict) -> Rung:
+    """The ladder step a run belongs to, from what its run.json records."""
+    if info.get("from_scratch"):
+        return LADDER[0]
+    if info.get("finetuned_from"):
+        return LADDER[4]
+    features = info.get("features") or {}
+    if features.get("tta", "none") != "none":
+        return LADDER[3]
+    if features.get("views_used") or (features.get("pool_blocks") or 1) > 1:
+        return LADDER[2]
+    return LADDER[1]
+
+
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -49,7 +83,9 @@ class RunSummary:
     precision: float | None = None  # macro average over classes
     extract_seconds: float | None = None
     train_seconds: float | None = None
+    finetune_seconds: float | None = None
     problem: str | None = None  # why the run has no metrics
+    rung: Rung = LADDER[1]
 
     @property
     def name(self) -> str:
@@ -79,9 +115,10 @@ def _summarise(run_dir: Path, extract_seconds: "_ExtractTimes") -> RunSummary:
     params = info.get("params", {})
     if scratch:  # the rest are the baseline's fixed recipe, in its report
         params = {key: params.get(key) for key in _SCRATCH_KEY_PARAMS}
+    extracted = info["extract_seconds"] if "extract_seconds" in info else extract_seconds.of(info.get("cache"))
     row = RunSummary(run_dir, features, head, format_params(params), scratch,
-                     info.get("val_accuracy"), train_seconds=info.get("train_seconds"),
-                     extract_seconds=extract_seconds.of(info.get("cache")))
+                     info.get("val_accuracy"), train_seconds=info.get("train_seconds"), extract_seconds=extracted,
+                     finetune_seconds=info.get("finetune_seconds"), rung=rung_of(info))
     metrics_path = run_dir / "report" / "metrics.json"
     if not metrics_path.is_file():
         from .evaluate import run_report
@@ -136,32 +173,42 @@ def _columns(rows: Sequence[RunSummary]) -> list[tuple[str, str, Callable[[RunSu
             (f"{split}accuracy", "num", lambda r: r.accuracy),
             (f"{split}balanced accuracy", "num", lambda r: r.balanced_accuracy),
             (f"{split}precision (macro)", "num", lambda r: r.precision),
-            ("extract", "num", lambda r: r.extract_seconds),
-            ("train", "num", lambda r: r.train_seconds),
+            *_TIME_COLUMNS,
             ("hyperparameters", "text", lambda r: r.params)]
+
+
+_TIME_COLUMNS = (("extract", "num", lambda r: r.extract_seconds), ("train", "num", lambda r: r.train_seconds),
+                 ("fine-tune", "num", lambda r: r.finetune_seconds))
+_TIME_TITLES = tuple(title for title, _, _ in _TIME_COLUMNS)
+
+
+def _text_table(items: Sequence, columns: Sequence[tuple[str, str, Callable]], marks: Sequence[str],
+                width: int) -> list[str]:
+    """Aligned lines, each row led by its mark; text columns but the last are cut at `width` characters."""
+
+    def cell(kind: str, title: str, value) -> str:
+        if value is None:
+            return "–"
+        if kind == "num":
+            return format_seconds(value) if title in _TIME_TITLES else f"{value:.4f}"
+        text = str(value)
+        return text if len(text) <= width or title == columns[-1][0] else text[:width - 1] + "…"
+
+    pad = " " * max((len(mark) for mark in marks), default=0)
+    table = [[pad + columns[0][0], *(title for title, _, _ in columns[1:])]]
+    for item, mark in zip(items, marks):
+        table.append([cell(kind, title, get(item)) for title, kind, get in columns])
+        table[-1][0] = mark + table[-1][0]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return ["  ".join(text.rjust(w) if kind == "num" else text.ljust(w)
+                      for text, w, (_, kind, _) in zip(line, widths, columns)).rstrip() for line in table]
 
 
 def format_table(rows: Sequence[RunSummary], *, width: int = 40) -> str:
     """The terminal table; text columns but the last are cut at `width` characters, the HTML has them whole."""
     best = best_run(rows)
     columns = _columns(rows)
-
-    def cell(kind: str, title: str, value) -> str:
-        if value is None:
-            return "–"
-        if kind == "num":
-            return format_seconds(value) if title in ("extract", "train") else f"{value:.4f}"
-        text = str(value)
-        return text if len(text) <= width or title == columns[-1][0] else text[:width - 1] + "…"
-
-    table = [[title for title, _, _ in columns]]
-    for row in rows:
-        table.append([cell(kind, title, get(row)) for title, kind, get in columns])
-        table[-1][0] = ("* " if row is best else "  ") + table[-1][0]
-    table[0][0] = "  " + table[0][0]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(text.rjust(w) if kind == "num" else text.ljust(w)
-                       for text, w, (_, kind, _) in zip(line, widths, columns)).rstrip() for line in table]
+    lines = _text_table(rows, columns, ["* " if row is best else "  " for row in rows], width)
     notes = ["* best validation accuracy (choose on validation; the test columns are for reporting)"]
     if any(row.split == "val" for row in rows):
         notes.append("'reported' columns: runs without a test split are reported on their validation split")
@@ -169,6 +216,38 @@ def format_table(rows: Sequence[RunSummary], *, width: int = 40) -> str:
         notes.append("features 'none (from scratch)': the baseline, a small CNN trained on the raw images, no transfer")
     notes += [f"{row.name}: {row.problem}" for row in rows if row.problem]
     return "\n".join(lines + [""] + notes)
+
+
+@dataclass
+class LadderStep:
+    rung: Rung
+    run: RunSummary | None  # the best run of this kind on validation; None until one is trained
+
+
+def ladder(rows: Sequence[RunSummary]) -> list[LadderStep]:
+    """Every step of LADDER, in order, each with its best run by validation accuracy (or none yet)."""
+    return [LadderStep(rung, best_run([row for row in rows if row.rung == rung])) for rung in LADDER]
+
+
+def _ladder_columns(rows: Sequence[RunSummary]) -> list[tuple[str, str, Callable[[LadderStep], object]]]:
+    split = _split_title(rows)
+
+    def of(get):
+        return lambda step: None if step.run is None else get(step.run)
+
+    return [("step", "text", lambda step: step.rung.name),
+            ("val accuracy", "num", of(lambda r: r.val_accuracy)),
+            (f"{split}accuracy", "num", of(lambda r: r.accuracy)),
+            (f"{split}balanced accuracy", "num", of(lambda r: r.balanced_accuracy)),
+            *((title, kind, of(get)) for title, kind, get in _TIME_COLUMNS),
+            ("run", "text", lambda step: step.run.name if step.run else f"none yet: {step.rung.fill}")]
+
+
+def format_ladder(rows: Sequence[RunSummary], *, width: int = 40) -> str:
+    """The ladder for the terminal: one line per step, what it buys (accuracy) and costs (seconds)."""
+    steps = ladder(rows)
+    lines = _text_table(steps, _ladder_columns(rows), [""] * len(steps), width)
+    return "\n".join(["the ladder (best run of each kind on validation):", *lines])
 
 
 def write_compare_html(path: Path, rows: Sequence[RunSummary], dataset: str) -> Path:
@@ -181,28 +260,55 @@ def write_compare_html(path: Path, rows: Sequence[RunSummary], dataset: str) -> 
         for title, kind, get in columns:
             value = get(row)
             if title == "run":
-                link = f"{row.name}/report/report.html"
                 mark = '<span class="star" title="best validation accuracy">★</span> ' if row is best else ""
-                cells.append((f'{mark}<a href="{esc(link)}">{esc(row.name)}</a>', row.name))
+                cells.append((mark + _run_link(row), row.name))
             elif title == "features" and row.from_scratch:
                 cells.append((f"<b>{esc(value)}</b>", value))
-            elif kind == "num" and title in ("extract", "train"):
-                cells.append((esc(format_seconds(value)), "" if value is None else value))
-            elif kind == "num":
-                cells.append(bar_cell(value))
             else:
-                cells.append((esc(value), value))
+                cells.append(_html_cell(kind, title, value))
         body_rows.append(cells)
         classes.append("best" if row is best else "scratch" if row.from_scratch else "run")
+    steps = ladder(rows)
+    ladder_rows = []
+    for step in steps:
+        cells = []
+        for title, kind, get in _ladder_columns(rows):
+            value = get(step)
+            if title == "run" and step.run is not None:
+                cells.append((_run_link(step.run), step.run.name))
+            elif title == "step" and step.rung is LADDER[0]:
+                cells.append((f"<b>{esc(value)}</b>", value))
+            else:
+                cells.append(_html_cell(kind, title, value))
+        ladder_rows.append(cells)
+    ladder_classes = ["scratch" if step.rung is LADDER[0] else "run" if step.run else "missing" for step in steps]
+    ladder_table = sortable_table("ladder", [(t, k) for t, k, _ in _ladder_columns(rows)], ladder_rows,
+                                  ladder_classes)
     problems = "".join(f"<li>{esc(row.name)}: {esc(row.problem)}</li>" for row in rows if row.problem)
     body = (f"<header><h1>{esc(dataset)} <small>{len(rows)} runs compared</small></h1>"
             '<p class="note">★ marks the best validation accuracy: choose on validation, the test columns are for '
             "reporting. Rows on an orange ground are the from-scratch baseline (no transfer learning). Click a column "
             "to sort, a run to open its report.</p></header>"
-            f"<section>{sortable_table('compare', [(t, k) for t, k, _ in columns], body_rows, classes)}"
+            '<section><h2>The ladder</h2><p class="note">From no transfer at all to a fine-tuned backbone: the best '
+            "run of each kind on validation, what it scores and what each stage cost. The from-scratch row learns "
+            "from the raw images alone; the gap to the rows below it is what the ImageNet features buy.</p>"
+            f"{ladder_table}</section>"
+            f"<section><h2>Every run</h2>{sortable_table('compare', [(t, k) for t, k, _ in columns], body_rows, classes)}"
             + (f'<ul class="note">{problems}</ul>' if problems else "") + "</section>")
     Path(path).write_text(html_page(f"{dataset}: runs compared", body), encoding="utf-8")
     return Path(path)
+
+
+def _run_link(row: RunSummary) -> str:
+    return f'<a href="{esc(row.name + "/report/report.html")}">{esc(row.name)}</a>'
+
+
+def _html_cell(kind: str, title: str, value) -> tuple[str, object]:
+    if kind == "num" and title in _TIME_TITLES:
+        return esc(format_seconds(value)), "" if value is None else value
+    if kind == "num":
+        return bar_cell(value)
+    return esc(value), value
 
 
 def run_compare(config: Config) -> tuple[list[RunSummary], Path]:

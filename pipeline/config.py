@@ -153,6 +153,7 @@ class ExtractConfig(Section, key="extract"):
 class LogRegConfig(Section, key="head.logreg"):
     c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
     max_iter: int = setting(1000, at_least=1)
+    tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,26 @@ class HeadConfig(Section, key="head"):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(Section, key="finetune"):
+    """Training the top of the backbone with the head, starting from a trained head run."""
+    unfreeze: float = setting(0.5, above=0)  # below 1: that share of the backbone's weighted layers; 1 or more: blocks
+    learning_rate: float = setting(1e-4, above=0)  # Adam's peak rate, reached after the warm-up
+    warmup_epochs: float = setting(1.0, at_least=0)  # linear warm-up from zero: the first steps cannot wreck the head
+    schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up: cosine decay to zero at `epochs`
+    epochs: int = setting(12, at_least=1)  # upper bound; early stopping on validation ends sooner
+    patience: int = setting(4, at_least=1)  # epochs without a better validation accuracy (ties: lower loss)
+    batch_size: int = setting(32, at_least=1)
+    augment: bool = True  # mirror, zoom-and-crop, brightness and contrast, in tf.data
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = setting(0, **SEED)
+
+    def check_together(self) -> None:
+        if self.unfreeze >= 1 and not float(self.unfreeze).is_integer():
+            raise ConfigError(f"finetune.unfreeze = {self.unfreeze!r}: below 1 it is a share of the layers, from 1 "
+                              "on a whole number of blocks; fix: use e.g. 0.5 or 2")
+
+
+@dataclass(frozen=True)
 class RunConfig(Section, key="run"):
     dir: str = "runs"
 
@@ -186,6 +207,7 @@ class Config(Section):
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property

@@ -2,8 +2,8 @@
 
 It uses the run's own sample list and fingerprint, so the report describes exactly the
 model that was trained, even if the dataset folder changed since. The dataset folder is
-only read for the HTML report's thumbnails (and by the from-scratch baseline, which has
-no cached features).
+only read for the HTML report's thumbnails (and by runs whose whole model takes pixels,
+the from-scratch CNN and fine-tuned backbones, which have no cached features).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .baseline import FROM_SCRATCH
 from .cache import FeatureCache
 from .config import Config
 from .dataset import Dataset
@@ -19,6 +18,7 @@ from .errors import CacheError, PipelineError
 from .features import dataset_from_config
 from .heads import load_head
 from .html_report import conflict_groups, write_html_report
+from .pixel_models import predict_samples, whole_model
 from .report import write_report
 from .runs import Run, load_run
 
@@ -31,11 +31,10 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
     dataset = _dataset(run.config)
     image_root = dataset.root if dataset else None
-    if run.info["head"] == FROM_SCRATCH:
-        from .baseline import predict_samples
-
+    if whole_model(run.info):  # from scratch or fine-tuned: its features are in no cache
         probabilities = predict_samples(run, chosen, image_root)
-        timings = {"train": run.info.get("train_seconds")}
+        timings = {key: run.info.get(f"{key}_seconds") for key in ("extract", "train", "finetune")}
+        timings = {key: value for key, value in timings.items() if value is not None}
         conflicts = run.info.get("label_conflict_files", [])
     else:
         probabilities, extract_timing, file_keys = _score_cached(run, chosen)

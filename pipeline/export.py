@@ -16,9 +16,11 @@ Written to `<run>/export/` (or `--out`):
 
 The logistic-regression head becomes a Normalization layer holding its mean and variance
 and a softmax Dense layer holding its coefficients, the same numbers; the dense head is
-already a Keras model and goes in whole. Before the export counts as done it is loaded
+already a Keras model and goes in whole. A fine-tuned or from-scratch run's `model.keras`
+already takes pixels and is exported as it is. Before the export counts as done it is loaded
 back and scored on the run's held-out images: its probabilities must match the report's
-(their cached features through the head) within 1e-4.
+(their cached features through the head, or the run's own model on the decoded images)
+within 1e-4.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .cache import FeatureCache
 from .errors import PipelineError
 from .features import dataset_from_config
 from .heads import load_head
+from .pixel_models import load_model, predict_pixels, whole_model
 from .predict import run_backbone
 from .runs import Run, load_run
 
@@ -70,22 +73,32 @@ class ExportResult:
 def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = True) -> ExportResult:
     """Write the model files, load them back, and refuse them if they disagree with the report."""
     run = load_run(run_dir)
-    backbone = run_backbone(run)
-    head = load_head(run.info["head"], run.dir)
-    size = backbones.get_spec(backbone.name).input_size
+    record = whole_model(run.info)
+    if record is None:  # a head on the frozen backbone: put them together
+        backbone = run_backbone(run)
+        head = load_head(run.info["head"], run.dir)
+        size = backbones.get_spec(backbone.name).input_size
+        model = build_model(backbone, head, len(run.labels))
+    else:  # fine-tuned or from scratch: the run's model already takes pixels
+        model, size = load_model(run), record["input_size"]
     out_dir = Path(out_dir) if out_dir else run.dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_dir / "saved_model", ignore_errors=True)  # a previous export of this run
     for stale in ("model.keras", "model.tflite", "export.json"):
         (out_dir / stale).unlink(missing_ok=True)
-    model = build_model(backbone, head, len(run.labels))
     model.save(out_dir / "model.keras")
     write_saved_model(model, run.labels, size, out_dir / "saved_model")
     (out_dir / "labels.json").write_text(json.dumps(run.labels, indent=1), encoding="utf-8")
     fingerprint = run.info["fingerprint"]
-    exact = fingerprint["precision"] == "float32" and fingerprint["feature_dtype"] == "float32"
+    exact = fingerprint is None or (fingerprint["precision"] == "float32" and (
+        record is not None or fingerprint["feature_dtype"] == "float32"))  # a whole model reads no cached rows
     tolerance = PARITY_TOLERANCE if exact else _LOOSE_TOLERANCE
-    samples, references = _held_out_samples(run, head)
+    samples, chosen = _held_out_samples(run)
+    if record is None:
+        references = _cached_probabilities(run, head, chosen)
+    else:  # as the report scores it: the run's model on the images decoded in Python
+        references = predict_pixels(model, np.stack([images.decode_image(data, size) for _, data in samples])) \
+            if samples else None
     result = ExportResult(out_dir, size, run.labels, _check_saved_model(out_dir / "saved_model", samples, references,
                                                                        tolerance))
     if tflite:
@@ -105,8 +118,12 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     return result
 
 
-def build_model(backbone_config, head, n_classes: int):
-    """Pixels in, probabilities out: preprocessing layers, the frozen backbone, the head."""
+def build_model(backbone_config, head, n_classes: int, backbone=None):
+    """Pixels in, probabilities out: preprocessing layers, the frozen backbone, the head.
+
+    `backbone` is the Keras backbone to use when the caller needs a handle on it (fine-tuning
+    unfreezes part of it); by default it is built from `backbone_config`.
+    """
     import keras
 
     spec = backbones.get_spec(backbone_config.name)
@@ -114,7 +131,7 @@ def build_model(backbone_config, head, n_classes: int):
     x = inputs
     for layer in _preprocessing_layers(spec.module):
         x = layer(x)
-    x = backbones.build_model(backbone_config)(x, training=False)
+    x = (backbone or backbones.build_model(backbone_config))(x, training=False)
     if head.kind == "logreg":
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
         scale = head.scale_.astype(np.float32)
@@ -178,13 +195,13 @@ def write_saved_model(model, labels: list[str], size: int, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def _held_out_samples(run: Run, head) -> tuple[list[tuple[str, bytes]], np.ndarray | None]:
-    """Up to 16 held-out images still on disk, as (name, file bytes), and the report's probabilities for them."""
+def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[dict]]:
+    """Up to 16 held-out images still on disk and unchanged, as (name, file bytes), and their samples."""
     held_out = [s for s in run.samples if s["split"] != "train"]
     try:
         paths = {entry.relpath: entry.path for entry in dataset_from_config(run.config).entries}
     except PipelineError:  # the dataset moved: nothing to compare against
-        return [], None
+        return [], []
     chosen, samples = [], []
     for sample in held_out:
         try:
@@ -197,12 +214,17 @@ def _held_out_samples(run: Run, head) -> tuple[list[tuple[str, bytes]], np.ndarr
         chosen.append(sample)
         if len(chosen) == _PARITY_IMAGES:
             break
+    return samples, chosen
+
+
+def _cached_probabilities(run: Run, head, chosen: list[dict]) -> np.ndarray | None:
+    """The report's probabilities for a head run's samples: their cached features through the head."""
     if not chosen or not Path(run.info["cache"]).is_file():
-        return [], None
+        return None
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
         features = cache.read_features([rows[s["key"]] for s in chosen])
-    return samples, head.predict_proba(features)
+    return head.predict_proba(features)
 
 
 def _check_saved_model(path: Path, samples: list[tuple[str, bytes]], references: np.ndarray | None,

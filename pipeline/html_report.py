@@ -138,6 +138,8 @@ def describe_model(info: dict) -> tuple[str, str]:
     fp = info.get("fingerprint") or {}
     alpha = f" α={fp['alpha']}" if fp.get("alpha") is not None else ""
     weights = str(fp.get("weights", "")).split(":", 1)[0]
+    if info.get("finetuned_from"):  # the backbone's top was trained with the head
+        return f"{fp.get('backbone', '?')}{alpha} ({weights}, fine-tuned)", f"{info['finetuned_from']['head']}, fine-tuned"
     return f"{fp.get('backbone', '?')}{alpha} ({weights})", info.get("head", "?")
 
 
@@ -305,7 +307,7 @@ def _history_section(run: Run) -> str:
                                         ("accuracy", [("training", "accuracy", "s1"),
                                                       ("validation", "val_accuracy", "s2")]))]
         kept = f", epoch {best}" if best else ""
-        note = f"Per epoch; the dashed line marks the epoch kept (best validation loss{kept})."
+        note = f"Per epoch; the dashed line marks the epoch kept ({run.info.get('kept_by', 'best validation loss')}{kept})."
         return (f'<section><h2>Training curves</h2><p class="note">{esc(note)}</p>'
                 f'<div class="charts">{"".join(charts)}</div></section>')
     if history and "C" in history[0]:

@@ -4,7 +4,9 @@ An image whose content is already in the run's cache (the same backbone fingerpr
 scored from its cached row and never reaches the backbone; only new content is decoded
 and run through it, in batches, with the same decoding as extract. The cache is only
 read: predicting never competes with an extract for its lock. One bad image becomes one
-line with its reason and never stops the others.
+line with its reason and never stops the others. A run whose whole model takes pixels (a
+fine-tuned backbone, the from-scratch CNN) never opens the cache: the cached features are
+the frozen backbone's, not its own, so every image goes through its model.
 
 Output is one JSON object per image as in the CNTK tutorial, `{"image", "class",
 "predictions"}`, where `class` is the predicted label, or "unknown" when its probability
@@ -35,6 +37,7 @@ from .dataset import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetError, ImageError, PipelineError
 from .extract import _prefetch
 from .heads import load_head
+from .pixel_models import PREDICT_BATCH, load_model, predict_pixels, whole_model
 from .report import UNKNOWN
 from .runs import Run, load_run
 
@@ -80,15 +83,21 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
     run = load_run(run_dir)
-    backbone = run_backbone(run)
-    make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
-        backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
+    record = whole_model(run.info)
     paths = find_images(inputs)
     predictions = [Prediction(str(path)) for path in paths]
-    features = _features(run, backbone, paths, predictions, progress, make_extractor)
+    if record is None:  # a head on the frozen backbone's features, cached or computed here
+        backbone = run_backbone(run)
+        make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
+            backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
+        features = _rows(run, paths, predictions, progress, size=backbones.get_spec(backbone.name).input_size,
+                         batch_size=backbone.batch_size, compute=lambda: make_extractor(backbone), use_cache=True)
+    else:  # the run's whole model on every image: its backbone is not the one whose features were cached
+        features = _rows(run, paths, predictions, progress, size=record["input_size"], batch_size=PREDICT_BATCH,
+                         compute=lambda: functools.partial(predict_pixels, load_model(run)), use_cache=False)
     scored = [p for p in predictions if p.error is None]
     if scored:
-        probabilities = load_head(run.info["head"], run.dir).predict_proba(features)
+        probabilities = features if record else load_head(run.info["head"], run.dir).predict_proba(features)
         for prediction, row in zip(scored, probabilities):
             best = int(row.argmax())
             below = threshold is not None and row[best] < threshold
@@ -147,14 +156,18 @@ class _Loaded:
     error: str | None = None
 
 
-def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions: list[Prediction], progress: bool,
-              make_extractor: Callable) -> np.ndarray:
-    """One feature row per image that could be scored (errors are set on the others), in input order."""
+def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: bool, *, size: int, batch_size: int,
+          compute: Callable[[], Callable[[np.ndarray], np.ndarray]], use_cache: bool) -> np.ndarray:
+    """One row per image that could be scored (errors are set on the others), in input order.
+
+    Rows come from the run's cache where `use_cache` and the cache holds the image's content,
+    else from `compute()` (built on first need: the frozen backbone, or a whole model) on
+    batches of decoded pixels.
+    """
     rows, failures, cache = {}, {}, None
-    if Path(run.info["cache"]).is_file():
+    if use_cache and Path(run.info["cache"]).is_file():
         cache = FeatureCache(run.info["cache"], run.info["fingerprint"])
         rows, failures = cache.row_index(), cache.failures()
-    size = backbones.get_spec(backbone.name).input_size
     max_pixels = run.config.data.max_image_pixels
 
     def load(path: Path) -> _Loaded:
@@ -174,16 +187,17 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
 
     fresh: dict[str, np.ndarray] = {}  # content hash -> feature row, computed here
     batch: dict[str, np.ndarray] = {}  # content hash -> pixels waiting for the backbone
-    extractor = None
-    stored = np.dtype(run.info["fingerprint"]["feature_dtype"])
+    model = None
+    stored = np.dtype(run.info["fingerprint"]["feature_dtype"]) if use_cache else None
 
     def flush():
-        nonlocal extractor
+        nonlocal model
         if batch:
-            extractor = extractor or make_extractor(backbone)
-            computed = extractor(np.stack(list(batch.values())))
-            # rounded as the cache stores them, so an image scores the same whether or not it was cached
-            fresh.update(zip(batch, computed.astype(stored).astype(np.float32)))
+            model = model or compute()
+            computed = model(np.stack(list(batch.values())))
+            if stored is not None:  # rounded as the cache stores them: the same score cached or not
+                computed = computed.astype(stored).astype(np.float32)
+            fresh.update(zip(batch, computed))
             batch.clear()
 
     keys: list[str] = []
@@ -191,7 +205,7 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
                file=sys.stderr)
     try:
         with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode") as pool:
-            for prediction, item in zip(predictions, _prefetch(pool, load, paths, depth=4 * backbone.batch_size)):
+            for prediction, item in zip(predictions, _prefetch(pool, load, paths, depth=4 * batch_size)):
                 bar.update()
                 if item.error is not None:
                     prediction.error = item.error
@@ -200,7 +214,7 @@ def _features(run: Run, backbone: BackboneConfig, paths: list[Path], predictions
                 prediction.cached = item.key in rows
                 if item.pixels is not None and item.key not in fresh:
                     batch[item.key] = item.pixels
-                    if len(batch) >= backbone.batch_size:
+                    if len(batch) >= batch_size:
                         flush()
             flush()
         cached_keys = sorted({key for key in keys if key in rows and key not in fresh})

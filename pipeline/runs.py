@@ -54,9 +54,15 @@ def save_run(directory: Path, config: Config, labels: list[str], samples: list[d
     (directory / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")  # last: marks it complete
 
 
+def run_dirs(config: Config) -> list[Path]:
+    """The config's dataset's complete runs, oldest first (their names start with the time)."""
+    base = Path(config.run.dir) / config.dataset_name
+    return sorted(p.parent for p in base.glob("*/run.json")) if base.is_dir() else []
+
+
 def latest_run(config: Config) -> Path:
     base = Path(config.run.dir) / config.dataset_name
-    runs = sorted(p.parent for p in base.glob("*/run.json")) if base.is_dir() else []
+    runs = run_dirs(config)
     if not runs:
         raise PipelineError(f"no trained run under {base}; fix: run `make train` with the same config first")
     return runs[-1]

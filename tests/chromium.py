@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -87,8 +88,9 @@ class Page:
                     self._send("Page.handleJavaScriptDialog", {"accept": False})
                 if wanted(message):
                     return message
-            if time.monotonic() > deadline:
-                raise TimeoutError("Chromium did not answer in time")
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._in], [], [], left)[0]:  # a hung browser never blocks a read
+                raise TimeoutError(f"Chromium did not answer within {self.timeout:g} s")
             chunk = self._in.read(1 << 16)
             if not chunk:
                 raise RuntimeError("Chromium closed the DevTools pipe")

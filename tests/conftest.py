@@ -7,6 +7,7 @@ KERAS_HOME points at a temporary copy of ../shared/keras before Keras is importe
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,14 @@ if (SHARED / "keras").is_dir():
     shutil.copytree(SHARED / "keras", _keras_home, dirs_exist_ok=True)
 os.environ["KERAS_HOME"] = str(_keras_home)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Randomised trials (kill -9 at random moments) draw from this one seed, printed in the
+# header of every run; `PIPELINE_TEST_SEED=N make test` replays a failure.
+TRIAL_SEED = int(os.environ.get("PIPELINE_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config) -> str:
+    return f"random trials: PIPELINE_TEST_SEED={TRIAL_SEED} (set it to replay them)"
 
 
 def _require(path: Path) -> Path:

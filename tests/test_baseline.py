@@ -9,12 +9,13 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from pipeline.baseline import BaselineSettings, input_pipeline, predict_samples, run_baseline
+from pipeline.baseline import BaselineSettings, input_pipeline, run_baseline
 from pipeline.cli import main
 from pipeline.compare import compare_runs, format_table
 from pipeline.errors import DatasetError
 from pipeline.evaluate import run_report
 from pipeline.extract import run_extract
+from pipeline.pixel_models import predict_samples
 from pipeline.runs import load_run
 from pipeline.train import run_train
 

@@ -1,8 +1,9 @@
 """The HDF5 store: append, reopen, resume after a partial write, refuse mixing and damage."""
 
 import json
-import multiprocessing
-import time
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from pipeline.cache import CacheWriter, FeatureCache, FileRecord, cache_path, fingerprint_id
 from pipeline.errors import CacheError
+
+from conftest import REPO
 
 FP = {"backbone": "mobilenet", "weights": "random:seed=0", "input_size": 224}
 
@@ -94,25 +97,21 @@ def test_missing_cache_says_run_extract(tmp_path):
         FeatureCache(tmp_path / "none.h5", FP)
 
 
-def _hold_lock(path, ready):
-    with CacheWriter(path, FP):
-        ready.set()
-        time.sleep(30)
-
-
 def test_second_writer_fails_fast_naming_the_first(tmp_path):
+    """The first writer is a process of its own, started fresh (no fork of this one, which has TensorFlow loaded)."""
     path = tmp_path / "c.h5"
-    ready = multiprocessing.get_context("fork").Event()
-    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(path, ready))
-    holder.start()
+    hold = ("import sys, time\nfrom pipeline.cache import CacheWriter\n"
+            f"with CacheWriter({str(path)!r}, {FP!r}):\n    print('ready', flush=True)\n    time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        assert ready.wait(20)
+        assert holder.stdout.readline() == "ready\n"
         with pytest.raises(CacheError, match=f"pid {holder.pid}"):
             CacheWriter(path, FP)
         with FeatureCache(path, FP) as reader:  # readers are not blocked by the writer
             assert reader.row_index() == {}
     finally:
         holder.kill()
-        holder.join()
+        holder.wait()
     with CacheWriter(path, FP):  # a killed writer's lock is released by the OS
         pass

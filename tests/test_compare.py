@@ -60,7 +60,8 @@ def test_sweep_fills_the_table_and_marks_the_best(tmp_path, tiny_dataset, capsys
     table = format_table(rows)
     lines = table.splitlines()
     assert lines[0].split() == ["run", "features", "head", "val", "accuracy", "test", "accuracy", "test", "balanced",
-                                "accuracy", "test", "precision", "(macro)", "extract", "train", "hyperparameters"]
+                                "accuracy", "test", "precision", "(macro)", "extract", "train", "fine-tune",
+                                "hyperparameters"]
     assert lines[1].startswith(f"* {best.name}") and sum(line.startswith("* ") for line in lines[1:6]) == 1
     assert lines[6] == "" and lines[7].startswith("* best validation accuracy")
     assert table in out and "compare: " in out  # the sweep ends by printing the table

@@ -6,6 +6,8 @@ the cache open and the writer takes it for each commit, so a reader sees one com
 state from open to close, and the writer says so when it has to wait for one.
 """
 
+import contextlib
+import fcntl
 import json
 import signal
 import socket
@@ -39,6 +41,27 @@ def _wait_for(condition, process: subprocess.Popen, log: Path, limit: float = 12
         if time.monotonic() > deadline:
             raise AssertionError(f"extract made no progress: {log.read_text()[-2000:]}")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _paused_between_commits(process: subprocess.Popen, path: Path):
+    """SIGSTOP the writer where it holds no commit lock (a shared lock on the cache is free), then SIGCONT."""
+    with open(path, "rb") as probe:
+        while True:
+            process.send_signal(signal.SIGSTOP)
+            while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "TtZX":
+                time.sleep(0.001)  # the stop has landed
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                break
+            except BlockingIOError:  # stopped inside a commit: let it finish that one
+                process.send_signal(signal.SIGCONT)
+                time.sleep(0.002)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
 
 
 def _scores(run: Path) -> dict:
@@ -105,13 +128,22 @@ def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_pa
     try:
         _wait_for(lambda: "waiting for readers of" in log.read_text(), writer, log)
         reader.close()
-        size = path.stat().st_size
-        _wait_for(lambda: path.stat().st_size != size, writer, log)  # committing
-        snapshots, partial = [], 0
-        while writer.poll() is None:
+        snapshots = []
+        while True:  # certainly half-way: the writer stopped between two commits, some of the new rows in
+            with _paused_between_commits(writer, path):
+                rows, files = _snapshot(path, fp)
+                if len(rows) > len(before):
+                    snapshots.append((rows, files))
+                    capsys.readouterr()
+                    assert main(["train", *args]) == 2
+                    assert "are new or changed since the last extract" in capsys.readouterr().err
+                    assert main(["report", *args, "--run", str(run)]) == 0 and _scores(run) == reported
+                    break
+            time.sleep(0.02)
+        assert len(before) < len(snapshots[0][0]) < len(before) + 120
+        while writer.poll() is None:  # and whenever the scheduler lets the readers in
             rows, files = _snapshot(path, fp)
             snapshots.append((rows, files))
-            partial += len(before) < len(rows) < len(before) + 120
             capsys.readouterr()
             status = main(["train", *args])  # refuses the half-extracted dataset, in one line
             error = capsys.readouterr().err
@@ -125,7 +157,6 @@ def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_pa
         writer.wait()
     final, final_files = _snapshot(path, fp)
     assert len(final) == len(before) + 120
-    assert partial >= 1, "no snapshot was taken half-way"
     counts = [len(rows) for rows, _ in snapshots]
     assert counts == sorted(counts)
     for rows, files in snapshots:  # each one a committed state: rows right, index entries pointing at rows

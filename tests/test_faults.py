@@ -31,7 +31,7 @@ from pipeline.errors import CacheError
 from pipeline.extract import run_extract
 from pipeline.features import open_cache
 
-from conftest import REPO, tiny_config, write_image
+from conftest import REPO, TRIAL_SEED, tiny_config, write_image
 from pipeline_helpers import KeptExtractor, cli_args
 
 FP = {"backbone": "test", "weights": "synthetic"}
@@ -270,7 +270,7 @@ def test_kill_9_at_random_moments_during_a_real_extract(tmp_path, photos):
     fp = backbones.fingerprint(clean_config)
     clean = content(summary.cache_path, fp)
     assert len(clean["rows"]) == 120 and len(clean["failures"]) == 2
-    seed = random.randrange(2**32)
+    seed = TRIAL_SEED
     trials, window = [], [summary.seconds]
 
     def worker(lane: int) -> None:
@@ -295,9 +295,9 @@ def test_kill_9_at_random_moments_during_a_real_extract(tmp_path, photos):
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(worker, range(2)))
     killed = [t for t in trials if t[2].startswith("killed")]
-    assert len(killed) >= KILL_TRIALS, (seed, [t[2] for t in trials])
+    assert len(killed) >= KILL_TRIALS, (f"PIPELINE_TEST_SEED={seed}", [t[2] for t in trials])
     for left, name, outcome in killed:
-        where = f"seed {seed}, {left.name}: {outcome}"
+        where = f"PIPELINE_TEST_SEED={seed}, {left.name}: {outcome}"
         if (left / name).exists():  # else it was killed before creating the file
             assert_part_of(content(left / name, fp), clean, where)  # opens; every committed row is right
         resumed = run_extract(_config(tmp_path, photos, left), progress=False, make_extractor=KeptExtractor)
