@@ -146,7 +146,12 @@ class BackboneConfig(Section, key="backbone"):
 
 @dataclass(frozen=True)
 class ExtractConfig(Section, key="extract"):
-    workers: int = setting(0, at_least=0)  # image decoding threads; 0 picks one per core
+    workers: int = setting(0, at_least=0)  # image decoding threads; 0 picks one per core (a Dask worker's share)
+    engine: Literal["local", "dask"] = "local"  # dask: shards of images on a Dask cluster (pip install '.[dask]')
+    address: str = ""  # the Dask scheduler, e.g. tcp://host:8786; empty: a local cluster, one worker per core
+    shard_size: int = setting(256, at_least=1)  # images per Dask task (and per shard file)
+    dask_workers: int = setting(0, at_least=0)  # worker processes of a local Dask cluster; 0: one per core
+    retries: int = setting(2, at_least=0)  # times a shard is run again after an error on its worker
 
 
 @dataclass(frozen=True)

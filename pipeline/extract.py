@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Container, Iterable, Iterator, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -43,6 +43,7 @@ class ExtractSummary:
     seconds: float = 0.0
     backbone_batches: int = 0
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
+    failed_shards: list[str] = field(default_factory=list)  # Dask engine: one line per shard that kept failing
     execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
 
     def describe(self) -> str:
@@ -56,12 +57,18 @@ class ExtractSummary:
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
             if len(self.failed) > 20:
                 lines.append(f"  ... and {len(self.failed) - 20} more (all recorded in the cache under /failures)")
-        lines.append(f"extract: completed, {len(self.failed)} skipped" if self.failed else "extract: completed")
+        if self.failed_shards:
+            lines.append(f"{len(self.failed_shards)} shard(s) kept failing; every other shard was merged:")
+            lines += [f"  {line}" for line in self.failed_shards]
+            lines.append(f"extract: incomplete, {len(self.failed_shards)} shard(s) failed; fix: see why above, "
+                         "then run extract again, which computes only what is missing")
+        else:
+            lines.append(f"extract: completed, {len(self.failed)} skipped" if self.failed else "extract: completed")
         return "\n".join(lines)
 
 
 @dataclass
-class _Loaded:
+class Loaded:
     entry: ImageEntry
     record: FileRecord
     image: np.ndarray | None = None  # None when the content is already cached
@@ -82,64 +89,29 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
     path = cache_path(config.cache.dir, config.dataset_name, fp)
     with CacheWriter(path, fp, dtype=config.cache.dtype, rebuild=rebuild) as cache:
         summary = ExtractSummary(path, total=len(dataset.entries) + len(dataset.skipped))
-        index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
-        known = set(rows) | set(failures)
-        stale = [(entry, stat) for entry in dataset.entries
-                 if (stat := _stat(entry.path)) is None or not _is_current(index.get(entry.relpath), stat, known)]
-        summary.reused = len(dataset.entries) - len(stale)
+        if config.extract.engine == "dask":  # imports Dask (and starts a cluster) only when there is work
+            from .dask_engine import extract_on_dask
 
-        def get_extractor():
-            nonlocal extractor
-            if extractor is None:
-                extractor = make_extractor(config.backbone)
-            cache.ensure_feature_dim(extractor.feature_dim)
-            return extractor
+            extract_on_dask(config, fp, cache, dataset.entries, summary, progress=progress)
+        else:
+            stale, index, known = stale_files(dataset.entries, cache)
+            summary.reused = len(dataset.entries) - len(stale)
 
-        size = backbones.get_spec(config.backbone.name).input_size
-        load = _loader(size, config.data.max_image_pixels, known)
-        workers = config.extract.workers or os.cpu_count() or 1
-        batch: list[_Loaded] = []
-        pending_files: list[tuple[str, FileRecord]] = []
-        pending_failures: list[tuple[str, str, str]] = []
+            def get_extractor():
+                nonlocal extractor
+                if extractor is None:
+                    extractor = make_extractor(config.backbone)
+                cache.ensure_feature_dim(extractor.feature_dim)
+                return extractor
 
-        def commit():
-            if not (batch or pending_files or pending_failures):
-                return
-            keys, feature_rows = [], np.zeros((0, 0), np.float32)
-            fresh = {}
-            for item in batch:  # the same new content twice in one batch is computed once
-                fresh.setdefault(item.record.key, item)
-            if fresh:
-                feature_rows = get_extractor()(np.stack([item.image for item in fresh.values()]))
-                keys = list(fresh)
-                summary.backbone_batches += 1
-            files = pending_files + [(item.entry.relpath, item.record) for item in batch]
-            cache.commit(keys, feature_rows, files, pending_failures)
-            known.update(keys)
-            known.update(key for key, _, _ in pending_failures)
-            summary.extracted += len(keys)
-            batch.clear(), pending_files.clear(), pending_failures.clear()
-
-        bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
-                   dynamic_ncols=True, file=sys.stderr)
-        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-            for item in _prefetch(pool, load, stale, depth=4 * config.backbone.batch_size):
-                if item.error is not None:
-                    if item.record.key not in known:
-                        pending_failures.append((item.record.key, item.entry.relpath, item.error))
-                    if index.get(item.entry.relpath) != item.record:  # re-checked failures stay one entry
-                        pending_files.append((item.entry.relpath, item.record))
-                elif item.image is None or item.record.key in known:
-                    summary.reused += 1
-                    pending_files.append((item.entry.relpath, item.record))
-                else:
-                    batch.append(item)
-                if len(batch) >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
-                    commit()
-                bar.update()
-            commit()
-        bar.close()
-        summary.execution = getattr(extractor, "description", "")
+            bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
+                       dynamic_ncols=True, file=sys.stderr)
+            counts = extract_files(stale, cache, config, known=known, index=index, get_extractor=get_extractor,
+                                   on_image=bar.update)
+            bar.close()
+            summary.extracted, summary.backbone_batches = counts.extracted, counts.backbone_batches
+            summary.reused += counts.reused
+            summary.execution = getattr(extractor, "description", "")
         if summary.extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)
@@ -152,6 +124,89 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
         summary.warnings.append(f"train will refuse this dataset: {exc}")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@dataclass
+class ExtractCounts:
+    extracted: int = 0  # new feature rows committed
+    reused: int = 0  # stale files whose content turned out to be cached already
+    backbone_batches: int = 0
+
+
+def stale_files(entries: Iterable[ImageEntry], cache) -> tuple[list[tuple[ImageEntry, os.stat_result | None]],
+                                                             dict[str, FileRecord], set[str]]:
+    """The entries the cache's stat index cannot vouch for (new, changed, or to be re-checked),
+    with their stat; and the index and the known keys (rows and failures) they were judged by."""
+    index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
+    known = set(rows) | set(failures)
+    stale = [(entry, stat) for entry in entries
+             if (stat := _stat(entry.path)) is None or not _is_current(index.get(entry.relpath), stat, known)]
+    return stale, index, known
+
+
+def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink, config: Config, *,
+                  known: Container[str], index: Mapping[str, FileRecord], get_extractor: Callable,
+                  on_image: Callable[[], object] = lambda: None) -> ExtractCounts:
+    """Read, hash, decode and extract `jobs` into `sink` (a CacheWriter, or a shard file that has
+    its `commit`), one batch per commit. Content in `known` or extracted earlier here is not
+    computed again; `index` (path -> record) keeps a re-checked failure from being indexed twice."""
+    counts = ExtractCounts()
+    added: set[str] = set()
+    size = backbones.get_spec(config.backbone.name).input_size
+    load = make_loader(size, config.data.max_image_pixels, _Either(known, added))
+    workers = config.extract.workers or os.cpu_count() or 1
+    batch: list[Loaded] = []
+    pending_files: list[tuple[str, FileRecord]] = []
+    pending_failures: list[tuple[str, str, str]] = []
+
+    def is_known(key: str) -> bool:
+        return key in added or key in known
+
+    def commit():
+        if not (batch or pending_files or pending_failures):
+            return
+        keys, feature_rows = [], np.zeros((0, 0), np.float32)
+        fresh = {}
+        for item in batch:  # the same new content twice in one batch is computed once
+            fresh.setdefault(item.record.key, item)
+        if fresh:
+            feature_rows = get_extractor()(np.stack([item.image for item in fresh.values()]))
+            keys = list(fresh)
+            counts.backbone_batches += 1
+        files = pending_files + [(item.entry.relpath, item.record) for item in batch]
+        sink.commit(keys, feature_rows, files, pending_failures)
+        added.update(keys)
+        added.update(key for key, _, _ in pending_failures)
+        counts.extracted += len(keys)
+        batch.clear(), pending_files.clear(), pending_failures.clear()
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        for item in _prefetch(pool, load, jobs, depth=4 * config.backbone.batch_size):
+            if item.error is not None:
+                if not is_known(item.record.key):
+                    pending_failures.append((item.record.key, item.entry.relpath, item.error))
+                if index.get(item.entry.relpath) != item.record:  # re-checked failures stay one entry
+                    pending_files.append((item.entry.relpath, item.record))
+            elif item.image is None or is_known(item.record.key):
+                counts.reused += 1
+                pending_files.append((item.entry.relpath, item.record))
+            else:
+                batch.append(item)
+            if len(batch) >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
+                commit()
+            on_image()
+        commit()
+    return counts
+
+
+class _Either:
+    """`key in` two containers, without copying either."""
+
+    def __init__(self, first: Container[str], second: Container[str]):
+        self.first, self.second = first, second
+
+    def __contains__(self, key) -> bool:
+        return key in self.second or key in self.first
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -174,10 +229,10 @@ def _recheck_key(*reason) -> str:
     return _RECHECK + hashlib.sha256(":".join(map(str, reason)).encode()).hexdigest()[:63]
 
 
-def _loader(size: int, max_pixels: int, known: set[str]):
+def make_loader(size: int, max_pixels: int, known: Container[str]):
     """Read a file once: hash it, and decode it only if its content is not cached yet."""
 
-    def load(job: tuple[ImageEntry, os.stat_result | None]) -> _Loaded:
+    def load(job: tuple[ImageEntry, os.stat_result | None]) -> Loaded:
         entry, stat = job
         size_bytes, mtime_ns, ctime_ns = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) if stat else (-1, -1, -1)
         try:
@@ -185,17 +240,17 @@ def _loader(size: int, max_pixels: int, known: set[str]):
         except OSError as exc:  # e.g. permissions, which can be fixed without touching the file
             reason = f"cannot read the file ({exc.strerror or exc})"
             marker = _recheck_key("unreadable", entry.relpath)
-            return _Loaded(entry, FileRecord(size_bytes, mtime_ns, marker, ctime_ns), error=reason)
+            return Loaded(entry, FileRecord(size_bytes, mtime_ns, marker, ctime_ns), error=reason)
         record = FileRecord(size_bytes, mtime_ns, images.content_hash(data), ctime_ns)
         if record.key in known:
-            return _Loaded(entry, record)
+            return Loaded(entry, record)
         try:
-            return _Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+            return Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
         except images.ImageTooLarge as exc:  # decodes once data.max_image_pixels is raised
-            return _Loaded(entry, replace(record, key=_recheck_key("too large", record.key, max_pixels)),
+            return Loaded(entry, replace(record, key=_recheck_key("too large", record.key, max_pixels)),
                            error=str(exc))
         except ImageError as exc:
-            return _Loaded(entry, record, error=str(exc))
+            return Loaded(entry, record, error=str(exc))
 
     return load
 

@@ -10,7 +10,9 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
 
 from . import backbones, demo
 from .cache import FeatureCache, cache_path
@@ -99,3 +101,70 @@ def trainable(dataset: Dataset, cached: CachedImages) -> tuple[list[ImageEntry],
     entries = [entry for entry in dataset.entries
                if entry.relpath in cached.keys and cached.keys[entry.relpath] not in conflicts]
     return entries, [describe_conflict(group) for group in conflicts.values()]
+
+
+CHUNK_ROWS = 8192  # rows per read when streaming a split: 40 MiB of float32 at 1,280-d
+
+
+@dataclass(frozen=True)
+class FeatureRows:
+    """One split's feature rows in a cache file, with their class indices, read on demand.
+
+    Heads get this instead of an array so that none of them needs several copies of a big
+    split: `read()` fills one preallocated float32 array chunk by chunk (no float64 upcast),
+    and `chunks()` streams shuffled chunks, so a head trained on it needs memory flat in N.
+    """
+    cache_path: Path
+    fingerprint: dict
+    rows: np.ndarray  # row numbers in the cache, ascending (so that chunks read contiguous slabs)
+    labels: np.ndarray  # class index of each row, aligned with `rows`
+    feature_dim: int
+
+    @classmethod
+    def of(cls, cache: FeatureCache, rows, labels) -> "FeatureRows":
+        rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.int64)
+        order = np.argsort(rows, kind="stable")
+        return cls(cache.path, cache.fingerprint, rows[order], labels[order], cache.feature_dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the whole split as a float32 matrix."""
+        return len(self.rows) * self.feature_dim * 4
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split: one float32 array, read in chunks straight into place."""
+        with FeatureCache(self.cache_path, self.fingerprint) as cache:
+            return cache.read_features(self.rows), self.labels
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS, seed: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(X, y) chunks of at most `chunk_rows`; with a seed, chunks in shuffled order and rows
+        shuffled within each, which is as good as a full shuffle for minibatch training."""
+        rng = np.random.default_rng(seed) if seed is not None else None
+        starts = np.arange(0, len(self.rows), chunk_rows)
+        if rng is not None:
+            rng.shuffle(starts)
+        with FeatureCache(self.cache_path, self.fingerprint) as cache:
+            for start in starts:
+                X = cache.read_features(self.rows[start:start + chunk_rows])
+                y = self.labels[start:start + chunk_rows]
+                if rng is not None:
+                    mix = rng.permutation(len(y))
+                    X, y = X[mix], y[mix]
+                yield X, y
+
+    def moments(self, chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and variance, accumulated in float64 over chunks (Chan et al.)."""
+        count, mean, m2 = 0, np.zeros(self.feature_dim), np.zeros(self.feature_dim)
+        for X, _ in self.chunks(chunk_rows):
+            n = len(X)
+            chunk_mean = X.mean(axis=0, dtype=np.float64)
+            chunk_m2 = ((X - chunk_mean.astype(np.float32)) ** 2).sum(axis=0, dtype=np.float64)
+            delta = chunk_mean - mean
+            total = count + n
+            mean = mean + delta * n / total
+            m2 = m2 + chunk_m2 + delta ** 2 * count * n / total
+            count = total
+        return mean, m2 / max(count, 1)

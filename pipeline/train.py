@@ -15,7 +15,7 @@ import numpy as np
 from .config import Config
 from .dataset import assign_splits
 from .errors import DatasetError
-from .features import dataset_from_config, match_cached, open_cache, require_complete, trainable
+from .features import FeatureRows, dataset_from_config, match_cached, open_cache, require_complete, trainable
 from .heads import make_head
 from .runs import new_run_dir, save_run
 
@@ -60,11 +60,13 @@ def run_train(config: Config) -> TrainResult:
             chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
             if not chosen:
                 raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
-            data[split] = (cache.read_features([rows[s["key"]] for s in chosen]),
-                           np.array([class_of[s["label"]] for s in chosen]))
+            data[split] = FeatureRows.of(cache, [rows[s["key"]] for s in chosen], [class_of[s["label"]] for s in chosen])
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
-    head = make_head(config.head).fit(*data["train"], *data["val"], n_classes=len(labels))
-    val_accuracy = float(np.mean(head.predict_proba(data["val"][0]).argmax(1) == data["val"][1]))
+    # heads read (or stream) their splits from the cache themselves: a big split is never held twice
+    train_rows, val_rows = data["train"], data["val"]
+    head = make_head(config.head).fit(train_rows, train_rows.labels, val_rows, val_rows.labels, n_classes=len(labels))
+    correct = sum(int(np.sum(head.predict_proba(X).argmax(1) == y)) for X, y in val_rows.chunks())
+    val_accuracy = correct / len(val_rows)
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
     run_dir = new_run_dir(config)

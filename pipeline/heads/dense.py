@@ -12,8 +12,10 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from ..config import DenseConfig
+from ..features import CHUNK_ROWS, FeatureRows
 
 FILE_NAME = "head.keras"
+_PREDICT_BATCH = 4096
 
 
 class DenseHead:
@@ -22,15 +24,24 @@ class DenseHead:
     def __init__(self, config: DenseConfig = DenseConfig()):
         self.config = config
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+    def fit(self, X: np.ndarray | FeatureRows, y: np.ndarray, X_val: np.ndarray | FeatureRows, y_val: np.ndarray,
             n_classes: int | None = None) -> "DenseHead":
+        """From arrays, or streamed from the cache (FeatureRows) in shuffled chunks through tf.data,
+        so that memory stays flat however many rows there are."""
         import keras
 
+        y, y_val = np.asarray(y), np.asarray(y_val)
         n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
         keras.utils.set_random_seed(self.config.seed)
-        normalise = keras.layers.Normalization(name="standardise")
-        normalise.adapt(X.astype(np.float32))
-        layers = [keras.Input((X.shape[1],), name="features"), normalise]
+        if isinstance(X, FeatureRows):
+            mean, variance = X.moments()
+            normalise = keras.layers.Normalization(mean=mean, variance=variance, name="standardise")
+            dim = X.feature_dim
+        else:
+            normalise = keras.layers.Normalization(name="standardise")
+            normalise.adapt(np.asarray(X, np.float32))
+            dim = X.shape[1]
+        layers = [keras.Input((dim,), name="features"), normalise]
         for units in self.config.hidden_units:
             layers += [keras.layers.Dense(units, activation="relu"), keras.layers.Dropout(self.config.dropout)]
         layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
@@ -42,8 +53,14 @@ class DenseHead:
             present = np.unique(y)
             weights = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=y)))
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.config.patience, restore_best_weights=True)
-        fitted = self.model_.fit(X, y, validation_data=(X_val, y_val), epochs=self.config.epochs,
-                                 batch_size=self.config.batch_size, class_weight=weights, callbacks=[stop], verbose=0)
+        if isinstance(X, FeatureRows):
+            fitted = self.model_.fit(_stream(X, self.config.batch_size, weights, self.config.seed),
+                                     validation_data=_stream(X_val, _PREDICT_BATCH), epochs=self.config.epochs,
+                                     callbacks=[stop], shuffle=False, verbose=0)
+        else:
+            fitted = self.model_.fit(X, y, validation_data=(X_val, y_val), epochs=self.config.epochs,
+                                     batch_size=self.config.batch_size, class_weight=weights, callbacks=[stop],
+                                     verbose=0)
         self.history_ = [dict(epoch=i + 1, **{k: float(v[i]) for k, v in fitted.history.items()})
                          for i in range(len(fitted.history["loss"]))]
         self.best_epoch_ = int(np.argmin(fitted.history["val_loss"])) + 1
@@ -56,7 +73,8 @@ class DenseHead:
                 "learning_rate": config.learning_rate, "best_epoch": self.best_epoch_}
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model_.predict(np.asarray(X, np.float32), batch_size=4096, verbose=0), np.float64)
+        return np.asarray(self.model_.predict(np.asarray(X, np.float32), batch_size=_PREDICT_BATCH, verbose=0),
+                          np.float64)
 
     def save(self, directory: Path) -> None:
         self.model_.save(Path(directory) / FILE_NAME)
@@ -68,3 +86,26 @@ class DenseHead:
         head = cls()
         head.model_ = keras.saving.load_model(Path(directory) / FILE_NAME, safe_mode=True)
         return head
+
+
+def _stream(rows: FeatureRows, batch_size: int, class_weight: dict | None = None, seed: int | None = None):
+    """A tf.data pipeline over the cache: chunks in a new shuffled order each epoch (with a seed),
+    cut into batches of (features, label, sample weight)."""
+    import tensorflow as tf
+
+    weight_of = np.ones(int(rows.labels.max()) + 1, np.float32)
+    for label, weight in (class_weight or {}).items():
+        weight_of[label] = weight
+    epoch = iter(range(1 << 30))
+
+    def batches():
+        for X, y in rows.chunks(CHUNK_ROWS, seed=None if seed is None else seed + next(epoch)):
+            for start in range(0, len(y), batch_size):
+                labels = y[start:start + batch_size]
+                yield X[start:start + batch_size], labels, weight_of[labels]
+
+    signature = (tf.TensorSpec((None, rows.feature_dim), tf.float32), tf.TensorSpec((None,), tf.int64),
+                 tf.TensorSpec((None,), tf.float32))
+    steps = sum(-(-min(CHUNK_ROWS, len(rows) - start) // batch_size) for start in range(0, len(rows), CHUNK_ROWS))
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
