@@ -93,7 +93,8 @@ def ir_identity(backbone: BackboneConfig) -> dict | None:
         return None
     return {"backbone": spec.name, "alpha": backbone.alpha if spec.has_alpha else None, "weights": weights,
             "input_size": spec.input_size, "preprocessing": f"keras.applications.{spec.module}.preprocess_input",
-            "input": "uint8 NHWC RGB", "openvino": openvino_version()}
+            "input": "uint8 NHWC RGB", "openvino": openvino_version(),
+            **({"pooled_blocks": list(backbones.pooled_blocks(backbone))} if backbone.pool_blocks > 1 else {})}
 
 
 @dataclass(frozen=True)

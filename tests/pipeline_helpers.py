@@ -17,7 +17,8 @@ class KeptExtractor:
     built: dict = {}
 
     def __new__(cls, backbone):
-        model = (backbone.name, backbone.alpha, backbone.weights, backbone.seed, backbone.precision)
+        model = (backbone.name, backbone.alpha, backbone.weights, backbone.seed, backbone.precision,
+                 backbone.pool_blocks)
         if model not in cls.built:
             cls.built[model] = backbones.FeatureExtractor(backbone)
         return cls.built[model]

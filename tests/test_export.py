@@ -231,6 +231,27 @@ def test_dense_head_exports_with_the_same_numbers(flowers_run, capsys):
     np.testing.assert_allclose(by_keras, by_predict, rtol=0, atol=PARITY_TOLERANCE)
 
 
+def test_flip_tta_and_sqrt_normalisation_export_with_the_same_numbers(flowers_run, capsys):
+    """The exported model mirrors the pixels, averages the two feature vectors and normalises them as
+    the head did; its numbers equal the report's (cached clean and mirrored rows) and predict's."""
+    run_dir, root, args, tmp = flowers_run
+    tta_args = [*args, "--set=head.tta=flip", "--set=head.logreg.normalizations=[\"sqrt\"]"]
+    assert main(["extract", *tta_args]) == 0  # adds only the mirrored views
+    assert main(["train", *tta_args]) == 0
+    tta_run = max((tmp / "runs" / "flowers").iterdir(), key=lambda p: p.name)
+    assert json.loads((tta_run / "run.json").read_text())["params"]["normalization"] == "sqrt"
+    assert main(["export", "--run", str(tta_run), "--no-tflite"]) == 0
+    parity = json.loads((tta_run / "export" / "export.json").read_text())["parity"]
+    assert parity["max_abs_diff"] <= PARITY_TOLERANCE
+    val = sorted((root / "val").rglob("*.*"))
+    model = keras.saving.load_model(tta_run / "export" / "model.keras", safe_mode=True)
+    by_keras = model.predict(np.stack([images.decode_image(p.read_bytes(), 224) for p in val]).astype(np.float32),
+                             verbose=0)
+    by_predict = [p.probabilities for p in run_predict(tta_run, [str(p) for p in val], progress=False,
+                                                       out_path=tta_run / "p.jsonl").predictions]
+    np.testing.assert_allclose(by_keras, by_predict, rtol=0, atol=PARITY_TOLERANCE)
+
+
 def test_tflite_is_skipped_with_a_clear_message_when_the_converter_fails(flowers_run, tmp_path, monkeypatch):
     run_dir, _, _, _ = flowers_run
     if not (run_dir / "export" / "saved_model").is_dir():
