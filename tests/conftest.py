@@ -69,11 +69,9 @@ def write_image(path: Path, seed: int, size=(48, 40), fmt=None) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     """Three classes of eight synthetic images each, in class folders."""
-    root = tmp_path / "tiny"
-    for c, name in enumerate(["cat", "dog", "owl"]):
-        for i in range(8):
-            write_image(root / name / f"{name}_{i}.png", seed=100 * c + i)
-    return root
+    from pipeline_helpers import class_folders
+
+    return class_folders(tmp_path / "tiny", cat=8, dog=8, owl=8)
 
 
 def tiny_config(tmp_path: Path, root: Path, **overrides):
