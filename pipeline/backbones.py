@@ -32,6 +32,7 @@ class BackboneSpec:
     input_size: int
     block_end: str  # regex matching the last layer of each block, for `finetune.unfreeze` counted in blocks
     has_alpha: bool = False
+    blocks: tuple[str, ...] = ()  # layers ending the last blocks, last first: what backbone.pool_blocks pools
 
     def weights_file_name(self, alpha: float) -> str:
         """The file Keras downloads for `weights="imagenet"` without the top."""
@@ -53,11 +54,15 @@ _NO_TOP_FILES = {
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299, r"mixed\d+"),
-        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, r"conv_pw_\d+_relu", has_alpha=True),
-        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, r"block_\d+_project_BN", has_alpha=True),
-        BackboneSpec("resnet50", "ResNet50", "resnet50", 224, r"conv\d_block\d+_out"),
-        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, r"block\d[a-z]_project_bn"),
+        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299, r"mixed\d+", blocks=("mixed10", "mixed9")),
+        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, r"conv_pw_\d+_relu", has_alpha=True,
+                     blocks=("conv_pw_13_relu", "conv_pw_12_relu")),
+        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, r"block_\d+_project_BN", has_alpha=True,
+                     blocks=("out_relu", "block_16_project_BN")),
+        BackboneSpec("resnet50", "ResNet50", "resnet50", 224, r"conv\d_block\d+_out",
+                     blocks=("conv5_block3_out", "conv5_block2_out")),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, r"block\d[a-z]_project_bn",
+                     blocks=("top_activation", "block7a_project_bn")),
     )
 }
 
@@ -97,7 +102,9 @@ def fingerprint(config: Config) -> dict | None:
     identity = weights_identity(backbone)
     if identity is None:
         return None
+    pooled = {"pooled_blocks": list(pooled_blocks(backbone))} if backbone.pool_blocks > 1 else {}
     return {
+        **pooled,  # only when more than the last block, so one-block caches keep their names
         "backbone": spec.name,
         "alpha": backbone.alpha if spec.has_alpha else None,
         "weights": identity,
@@ -107,6 +114,15 @@ def fingerprint(config: Config) -> dict | None:
         "precision": backbone.precision,
         "feature_dtype": config.cache.dtype,
     }
+
+
+def pooled_blocks(backbone: BackboneConfig) -> tuple[str, ...]:
+    """The layers whose pooled outputs make a feature vector, last block first."""
+    spec = get_spec(backbone.name)
+    if backbone.pool_blocks < 1 or backbone.pool_blocks > max(1, len(spec.blocks)):
+        raise ConfigError(f"backbone.pool_blocks = {backbone.pool_blocks}: {spec.name} offers 1 to "
+                          f"{max(1, len(spec.blocks))}; fix: set it in that range")
+    return spec.blocks[:backbone.pool_blocks]
 
 
 def _file_sha256(path: Path) -> str:
@@ -144,6 +160,11 @@ def build_model(backbone: BackboneConfig, *, include_top: bool = False):
         ) from None
     finally:
         keras.config.set_dtype_policy(previous_policy)
+    if not include_top and backbone.pool_blocks > 1:  # each block average-pooled, concatenated, last block first
+        outputs = [keras.layers.GlobalAveragePooling2D(name=f"pool_{name}")(model.get_layer(name).output)
+                   for name in pooled_blocks(backbone)]
+        model = keras.Model(model.inputs, keras.layers.Concatenate(name="pooled_blocks")(outputs),
+                            name=f"{model.name}_pooled_{backbone.pool_blocks}")
     model.trainable = False
     return model
 
@@ -202,12 +223,6 @@ def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "e
     preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
     return execution.LoadedBackbone(model, preprocess, backbone, spec.input_size, int(model.output_shape[-1]),
                                     cache_dir=Path(cache_dir) if cache_dir is not None else None)
-
-
-def inference_function(backbone: BackboneConfig):
-    """The frozen backbone with its own preprocessing as one `tf.function`: a uint8 image batch
-    in, float32 rows out. Every runtime runs (or is converted from) this one function."""
-    return load_backbone(backbone).graph_function()
 
 
 class FeatureExtractor:

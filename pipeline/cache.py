@@ -14,6 +14,8 @@ Layout (documented in README):
     /files/ctime_ns   (m,)   int64 } change (-1: recorded before ctime was)
     /files/key        (m,)   S64   the content hash that path had (later entries win)
     /failures/key, /failures/path, /failures/reason   images that did not decode
+    /views/<recipe id>/key, index, feature   augmented views (augment.py), keyed by (content hash,
+                             view index), one group per view recipe; attrs: recipe (JSON)
 
 Labels and splits are not stored: relabelling or re-splitting needs no extraction.
 
@@ -75,6 +77,19 @@ class FileRecord:
     def matches(self, stat: os.stat_result) -> bool:
         """The file looks unchanged since it was hashed, so it need not be read again."""
         return (self.size, self.mtime_ns, self.ctime_ns) == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class ViewRows:
+    """Feature rows of augmented views, committed with the batch they belong to."""
+    recipe: dict  # the view recipe's fingerprint; its id names the group
+    keys: Sequence[str]
+    indices: Sequence[int]
+    features: np.ndarray
+
+    @property
+    def recipe_id(self) -> str:
+        return fingerprint_id(self.recipe)
 
 
 def feature_chunks(feature_dim: int, dtype: str) -> tuple[int, int]:
@@ -214,6 +229,25 @@ class FeatureCache:
                 out[at] = dataset[unique][inverse]
         return out
 
+    @_reads
+    def view_index(self, recipe_id: str) -> dict[tuple[str, int], int]:
+        """Committed (content hash, view index) -> row of the recipe's view group; empty when it has none."""
+        group = self._file.get(f"views/{recipe_id}")
+        if group is None:
+            return {}
+        n = min(len(group["key"]), len(group["index"]))
+        keys, indices = group["key"][:n], group["index"][:n]
+        return {(key.decode(), int(index)): row for row, (key, index) in enumerate(zip(keys, indices)) if key}
+
+    @_reads
+    def read_view_features(self, recipe_id: str, rows: Sequence[int]) -> np.ndarray:
+        """View feature rows in the order asked, as float32."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, self.feature_dim), np.float32)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self._file[f"views/{recipe_id}/feature"][unique].astype(np.float32, copy=False)[inverse]
+
 
 class CacheWriter(FeatureCache):
     """The single writer of a cache file: creates it, resumes it, appends committed batches."""
@@ -308,19 +342,24 @@ class CacheWriter(FeatureCache):
 
     def _truncate_uncommitted(self) -> None:
         """Drop rows beyond the last key: a tail that a writer killed before commits were journaled left."""
-        keys = self._file["rows/key"]
-        committed = len(keys)
-        while committed and not keys[committed - 1]:
-            committed -= 1
-        for dataset in (keys, self._file["rows"].get("feature")):
-            if dataset is not None and dataset.shape[0] > committed:
-                dataset.resize(committed, axis=0)
+        groups = [self._file["rows"], *self._file.get("views", {}).values()]
+        for group in groups:
+            keys = group["key"]
+            committed = len(keys)
+            while committed and not keys[committed - 1]:
+                committed -= 1
+            for dataset in (keys, group.get("index"), group.get("feature")):
+                if dataset is not None and dataset.shape[0] > committed:
+                    dataset.resize(committed, axis=0)
 
     def commit(self, keys: Sequence[str], features: np.ndarray, files: Iterable[tuple[str, FileRecord]],
-               failures: Iterable[tuple[str, str, str]] = ()) -> None:
-        """Append one batch, all or nothing: feature rows, the index entries of their files, and failures."""
+               failures: Iterable[tuple[str, str, str]] = (), views: ViewRows | None = None) -> None:
+        """Append one batch, all or nothing: feature rows, their views, the index entries of their files,
+        and failures."""
         files, failures = list(files), list(failures)
         with self._update():
+            if views is not None and len(views.keys):
+                self._append_views(views)
             keys_ds = self._file["rows/key"]
             start = len(keys_ds)
             if len(keys):
@@ -338,6 +377,19 @@ class CacheWriter(FeatureCache):
                 _append(self._file["failures"], {
                     "key": [k for k, _, _ in failures], "path": [p for _, p, _ in failures],
                     "reason": [r for _, _, r in failures]})
+
+    def _append_views(self, views: ViewRows) -> None:
+        group = self._file.require_group("views").get(views.recipe_id)
+        if group is None:
+            dim = views.features.shape[1]
+            group = self._file["views"].create_group(views.recipe_id)
+            group.attrs["recipe"] = json.dumps(views.recipe, sort_keys=True)
+            group.create_dataset("feature", (0, dim), maxshape=(None, dim), chunks=feature_chunks(dim, self._dtype),
+                                 dtype=self._dtype, fletcher32=True)
+            group.create_dataset("index", (0,), maxshape=(None,), chunks=(_INDEX_CHUNK,), dtype="i4")
+            group.create_dataset("key", (0,), maxshape=(None,), chunks=(_INDEX_CHUNK,), dtype=_KEY)
+        _append(group, {"feature": views.features.astype(self._dtype, copy=False), "index": list(views.indices),
+                        "key": list(views.keys)})
 
     def close(self) -> None:
         try:

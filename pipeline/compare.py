@@ -34,6 +34,9 @@ DEFAULT_GRID: tuple[tuple[str, ...], ...] = (
 )
 
 
+# keys a sweep may vary beyond head.*: it extracts what they need first (incremental: only what is missing)
+EXTRACTING_KEYS = ("augment.views", "backbone.pool_blocks")
+
 _SCRATCH_KEY_PARAMS = ("image_size", "best_epoch")
 
 
@@ -328,9 +331,10 @@ def sweep_grid(vary: Sequence[str]) -> list[tuple[str, ...]]:
         example = "for example --vary 'head.dense.dropout=[0.2, 0.5]'"
         if not sep or not key:
             raise ConfigError(f"--vary {item!r}: expected KEY=[value, ...], {example}")
-        if not key.startswith("head."):
-            raise ConfigError(f"--vary {key}: a sweep trains heads on one cache, so it varies head.* keys only; fix: "
-                              "for another backbone run `make extract` with it, then sweep again")
+        if not key.startswith("head.") and key not in EXTRACTING_KEYS:
+            raise ConfigError(f"--vary {key}: a sweep trains heads on one backbone, so it varies head.* keys, "
+                              f"{', '.join(EXTRACTING_KEYS)} only; fix: for another backbone run `make extract` "
+                              "with it, then sweep again")
         try:
             values = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -350,9 +354,15 @@ def run_sweep(config_path: Path | None, overrides: Sequence[str], vary: Sequence
     from .evaluate import run_report
     from .train import run_train
 
-    configs = [load_config(config_path, [*overrides, *combo]) for combo in sweep_grid(vary)]
+    combos = sweep_grid(vary)
+    configs = [load_config(config_path, [*overrides, *combo]) for combo in combos]
     run_dirs = []
-    for config in tqdm(configs, unit="head", desc="sweep", disable=not progress, file=sys.stderr):
+    for combo, config in tqdm(list(zip(combos, configs)), unit="head", desc="sweep", disable=not progress,
+                              file=sys.stderr):
+        if any(setting.split("=")[0] in EXTRACTING_KEYS or setting.startswith("head.tta=") for setting in combo):
+            from .extract import run_extract  # views or pooled blocks this combination needs; only what is missing
+
+            log(run_extract(config, progress=progress).describe())
         result = run_train(config)
         run_report(result.run_dir)
         log(result.describe())

@@ -139,6 +139,8 @@ class BackboneConfig(Section, key="backbone"):
     seed: int = setting(0, **SEED)  # initialises "random" weights reproducibly
     precision: Literal["float32", "bfloat16"] = "float32"
     batch_size: int = setting(32, at_least=1)
+    # the last N blocks, each globally average-pooled and concatenated, last block first (its own cache file)
+    pool_blocks: int = setting(1, at_least=1, at_most=2)
     compile: Literal["auto", "graph", "xla"] = "auto"  # TensorFlow's execution: measured per machine, or forced
     runtime: Literal["auto", "tensorflow", "openvino"] = "auto"  # which runtime runs it: measured, or forced
     allow_random_fallback: bool = False  # embedded demo only: random weights when offline
@@ -155,9 +157,19 @@ class ExtractConfig(Section, key="extract"):
 
 
 @dataclass(frozen=True)
+class AugmentConfig(Section, key="augment"):
+    # augmented views cached per image (random crop, flip, colour jitter); train uses those of training images
+    views: int = setting(0, at_least=0, at_most=64)
+
+
+@dataclass(frozen=True)
 class LogRegConfig(Section, key="head.logreg"):
     c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
     max_iter: int = setting(1000, at_least=1)
+    # tried with each C, and the best on validation kept: none, l2 (unit length), sqrt (signed root, then l2)
+    normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2", "sqrt"])
+    # the weight of each augmented view's row, tried with each C; 0 leaves views out
+    view_weights: list[float] = setting(factory=lambda: [0.0, 0.3, 1.0], at_least=0, at_most=1)
     tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 
@@ -176,6 +188,7 @@ class DenseConfig(Section, key="head.dense"):
 @dataclass(frozen=True)
 class HeadConfig(Section, key="head"):
     kind: Literal["logreg", "dense"] = "logreg"
+    tta: Literal["none", "flip"] = "none"  # flip: score the average of the clean and mirrored features
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
 
@@ -211,6 +224,7 @@ class Config(Section):
     cache: CacheConfig = field(default_factory=CacheConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)

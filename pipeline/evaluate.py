@@ -15,7 +15,7 @@ from .cache import FeatureCache
 from .config import Config
 from .dataset import Dataset
 from .errors import CacheError, PipelineError
-from .features import dataset_from_config
+from .features import dataset_from_config, scoring_features
 from .heads import load_head
 from .html_report import conflict_groups, write_html_report
 from .pixel_models import predict_samples, whole_model
@@ -61,7 +61,7 @@ def _score_cached(run: Run, chosen: list[dict]):
         if gone:
             raise CacheError(f"{len(gone)} image(s) of run {run.dir} are no longer in {cache.path} (e.g. {gone[0]}; "
                              "was it rebuilt?); fix: run `make extract` then `make train` again")
-        features = cache.read_features([rows[s["key"]] for s in chosen])
+        features = scoring_features(cache, [s["key"] for s in chosen], run.config.head.tta)
         extract_timing = cache.extract_timing()
         file_keys = {path: record.key for path, record in cache.file_index().items()}
     return load_head(run.info["head"], run.dir).predict_proba(features), extract_timing, file_keys

@@ -37,7 +37,7 @@ import numpy as np
 from . import backbones, images
 from .cache import FeatureCache
 from .errors import PipelineError
-from .features import dataset_from_config
+from .features import dataset_from_config, scoring_features
 from .heads import load_head
 from .pixel_models import load_model, predict_pixels, whole_model
 from .predict import run_backbone
@@ -78,7 +78,7 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
         backbone = run_backbone(run)
         head = load_head(run.info["head"], run.dir)
         size = backbones.get_spec(backbone.name).input_size
-        model = build_model(backbone, head, len(run.labels))
+        model = build_model(backbone, head, len(run.labels), tta=run.config.head.tta)
     else:  # fine-tuned or from scratch: the run's model already takes pixels
         model, size = load_model(run), record["input_size"]
     out_dir = Path(out_dir) if out_dir else run.dir / "export"
@@ -118,11 +118,13 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     return result
 
 
-def build_model(backbone_config, head, n_classes: int, backbone=None):
+def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str = "none"):
     """Pixels in, probabilities out: preprocessing layers, the frozen backbone, the head.
 
     `backbone` is the Keras backbone to use when the caller needs a handle on it (fine-tuning
-    unfreezes part of it); by default it is built from `backbone_config`.
+    unfreezes part of it); by default it is built from `backbone_config`. With flip TTA the
+    backbone also sees the mirrored pixels (a fixed permutation kernel, exact) and the two
+    feature vectors are averaged, as the report scored them.
     """
     import keras
 
@@ -131,8 +133,21 @@ def build_model(backbone_config, head, n_classes: int, backbone=None):
     x = inputs
     for layer in _preprocessing_layers(spec.module):
         x = layer(x)
-    x = (backbone or backbones.build_model(backbone_config))(x, training=False)
+    backbone = backbone or backbones.build_model(backbone_config)
+    if tta == "flip":
+        size = spec.input_size
+        mirror = keras.layers.Dense(size, use_bias=False, trainable=False, name="mirror")
+        mirror.build((None, size))
+        mirror.set_weights([np.eye(size, dtype=np.float32)[::-1]])
+        mirrored = keras.layers.Permute((1, 3, 2))(mirror(keras.layers.Permute((1, 3, 2))(x)))
+        x = keras.layers.Average(name="flip_tta")([backbone(x, training=False), backbone(mirrored, training=False)])
+    else:
+        x = backbone(x, training=False)
     if head.kind == "logreg":
+        if head.normalization_ == "sqrt":  # Keras operations in a functional graph: plain Keras loads them
+            x = keras.ops.sign(x) * keras.ops.sqrt(keras.ops.abs(x))
+        if head.normalization_ in ("l2", "sqrt"):
+            x = keras.layers.UnitNormalization(name="l2_normalise")(x)
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
         scale = head.scale_.astype(np.float32)
         x = keras.layers.Normalization(mean=head.mean_, variance=scale * scale, name="standardise")(x)
@@ -222,8 +237,7 @@ def _cached_probabilities(run: Run, head, chosen: list[dict]) -> np.ndarray | No
     if not chosen or not Path(run.info["cache"]).is_file():
         return None
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
-        rows = cache.row_index()
-        features = cache.read_features([rows[s["key"]] for s in chosen])
+        features = scoring_features(cache, [s["key"] for s in chosen], run.config.head.tta)
     return head.predict_proba(features)
 
 

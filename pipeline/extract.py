@@ -23,11 +23,11 @@ from typing import Callable, Container, Iterable, Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
-from .cache import CacheWriter, FileRecord, cache_path
+from . import augment, backbones, images
+from .cache import CacheWriter, FileRecord, ViewRows, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
-from .errors import DatasetError, ImageError
+from .errors import ConfigError, DatasetError, ImageError
 from .features import dataset_from_config, match_cached, trainable
 
 _INDEX_COMMIT_EVERY = 4096  # index-only entries (renamed files) are committed in groups
@@ -45,11 +45,16 @@ class ExtractSummary:
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
     failed_shards: list[str] = field(default_factory=list)  # Dask engine: one line per shard that kept failing
     execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
+    views_per_image: int = 0  # views each image has in the cache (augment.views, and the mirror for flip TTA)
+    views_extracted: int = 0
 
     def describe(self) -> str:
         rate = f", {self.extracted / self.seconds:.1f} img/s" if self.extracted and self.seconds else ""
         lines = [f"extract: {self.total} images: {self.extracted} extracted, {self.reused} already cached, "
                  f"{len(self.failed)} failed ({self.seconds:.1f} s{rate})", f"cache: {self.cache_path}"]
+        if self.views_per_image:
+            lines.insert(1, f"extract: {self.views_per_image} view(s) per image: {self.views_extracted} extracted, "
+                            "the rest already cached")
         if self.execution:
             lines.append(self.execution)
         if self.failed:
@@ -73,6 +78,7 @@ class Loaded:
     record: FileRecord
     image: np.ndarray | None = None  # None when the content is already cached
     error: str | None = None
+    views: dict[int, np.ndarray] = field(default_factory=dict)  # view index -> pixels, for views not cached yet
 
 
 def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
@@ -89,12 +95,18 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
     path = cache_path(config.cache.dir, config.dataset_name, fp)
     with CacheWriter(path, fp, dtype=config.cache.dtype, rebuild=rebuild) as cache:
         summary = ExtractSummary(path, total=len(dataset.entries) + len(dataset.skipped))
+        views = ViewNeeds(augment.wanted_views(config.augment.views, config.head.tta), cache)
+        summary.views_per_image = len(views.wanted)
         if config.extract.engine == "dask":  # imports Dask (and starts a cluster) only when there is work
             from .dask_engine import extract_on_dask
 
+            if views.wanted:
+                raise ConfigError("augment.views and head.tta = \"flip\" are extracted by the local engine only; "
+                                  "fix: run this extract with --set extract.engine=local (later runs keep the views)")
+
             extract_on_dask(config, fp, cache, dataset.entries, summary, progress=progress)
         else:
-            stale, index, known = stale_files(dataset.entries, cache)
+            stale, index, known = stale_files(dataset.entries, cache, views)
             summary.reused = len(dataset.entries) - len(stale)
 
             def get_extractor():
@@ -107,12 +119,13 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             bar = tqdm(total=len(stale), unit="img", desc="extract", disable=not progress or not stale,
                        dynamic_ncols=True, file=sys.stderr)
             counts = extract_files(stale, cache, config, known=known, index=index, get_extractor=get_extractor,
-                                   on_image=bar.update)
+                                   on_image=bar.update, views=views, bar=bar)
             bar.close()
             summary.extracted, summary.backbone_batches = counts.extracted, counts.backbone_batches
+            summary.views_extracted = counts.views_extracted
             summary.reused += counts.reused
             summary.execution = getattr(extractor, "description", "")
-        if summary.extracted:
+        if summary.extracted or summary.views_extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)
     summary.failed = sorted([*cached.failed.items(), *dataset.skipped])
@@ -131,14 +144,28 @@ class ExtractCounts:
     extracted: int = 0  # new feature rows committed
     reused: int = 0  # stale files whose content turned out to be cached already
     backbone_batches: int = 0
+    views_extracted: int = 0
 
 
-def stale_files(entries: Iterable[ImageEntry], cache) -> tuple[list[tuple[ImageEntry, os.stat_result | None]],
-                                                             dict[str, FileRecord], set[str]]:
-    """The entries the cache's stat index cannot vouch for (new, changed, or to be re-checked),
-    with their stat; and the index and the known keys (rows and failures) they were judged by."""
+class ViewNeeds:
+    """Which augmented views the config wants, and which the cache already holds."""
+
+    def __init__(self, wanted: tuple[int, ...], cache):
+        self.wanted, self.recipe = wanted, augment.RECIPE
+        self.done = set(cache.view_index(self.recipe.fingerprint_id())) if wanted else set()
+        self.rows = set(cache.row_index()) if wanted else set()  # content with a clean row
+
+    def missing(self, key: str) -> tuple[int, ...]:
+        return tuple(index for index in self.wanted if (key, index) not in self.done)
+
+
+def stale_files(entries: Iterable[ImageEntry], cache, views: ViewNeeds | None = None
+                ) -> tuple[list[tuple[ImageEntry, os.stat_result | None]], dict[str, FileRecord], set[str]]:
+    """The entries the cache's stat index cannot vouch for (new, changed, missing wanted views, or to
+    be re-checked), with their stat; and the index and the known keys (nothing left to compute: rows
+    with all their wanted views, and failures) they were judged by."""
     index, rows, failures = cache.file_index(), cache.row_index(), cache.failures()
-    known = set(rows) | set(failures)
+    known = {key for key in rows if views is None or not views.missing(key)} | set(failures)
     stale = [(entry, stat) for entry in entries
              if (stat := _stat(entry.path)) is None or not _is_current(index.get(entry.relpath), stat, known)]
     return stale, index, known
@@ -146,14 +173,18 @@ def stale_files(entries: Iterable[ImageEntry], cache) -> tuple[list[tuple[ImageE
 
 def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink, config: Config, *,
                   known: Container[str], index: Mapping[str, FileRecord], get_extractor: Callable,
-                  on_image: Callable[[], object] = lambda: None) -> ExtractCounts:
+                  on_image: Callable[[], object] = lambda: None, views: ViewNeeds | None = None,
+                  bar=None) -> ExtractCounts:
     """Read, hash, decode and extract `jobs` into `sink` (a CacheWriter, or a shard file that has
     its `commit`), one batch per commit. Content in `known` or extracted earlier here is not
-    computed again; `index` (path -> record) keeps a re-checked failure from being indexed twice."""
+    computed again; `index` (path -> record) keeps a re-checked failure from being indexed twice.
+    With `views`, the wanted views each content lacks go into the same commits as its clean row."""
     counts = ExtractCounts()
     added: set[str] = set()
     size = backbones.get_spec(config.backbone.name).input_size
-    load = make_loader(size, config.data.max_image_pixels, _Either(known, added))
+    load = make_loader(size, config.data.max_image_pixels, _Either(known, added),
+                       views if views is not None and views.wanted else None)
+    pending_pixels = 0  # images waiting for the backbone in `batch`: clean ones and views
     workers = config.extract.workers or os.cpu_count() or 1
     batch: list[Loaded] = []
     pending_files: list[tuple[str, FileRecord]] = []
@@ -165,19 +196,32 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
     def commit():
         if not (batch or pending_files or pending_failures):
             return
-        keys, feature_rows = [], np.zeros((0, 0), np.float32)
         fresh = {}
         for item in batch:  # the same new content twice in one batch is computed once
             fresh.setdefault(item.record.key, item)
-        if fresh:
-            feature_rows = get_extractor()(np.stack([item.image for item in fresh.values()]))
-            keys = list(fresh)
-            counts.backbone_batches += 1
+        keys = [key for key, item in fresh.items() if item.image is not None]
+        view_ids = [(key, index) for key, item in fresh.items() for index in sorted(item.views)]
+        pixels = [fresh[key].image for key in keys] + [fresh[key].views[index] for key, index in view_ids]
+        feature_rows = np.zeros((0, 0), np.float32)
+        if pixels:  # in backbone batches: a photo with its views is more than one image
+            backbone, step = get_extractor(), config.backbone.batch_size
+            feature_rows = np.concatenate([backbone(np.stack(pixels[start:start + step]))
+                                           for start in range(0, len(pixels), step)])
+            counts.backbone_batches += -(-len(pixels) // step)
         files = pending_files + [(item.entry.relpath, item.record) for item in batch]
-        sink.commit(keys, feature_rows, files, pending_failures)
-        added.update(keys)
+        view_rows = None
+        if view_ids:
+            view_rows = ViewRows(views.recipe.fingerprint(), [key for key, _ in view_ids],
+                                 [index for _, index in view_ids], feature_rows[len(keys):])
+            views.done.update(view_ids)
+            views.rows.update(keys)
+        sink.commit(keys, feature_rows[:len(keys)], files, pending_failures,
+                    **({"views": view_rows} if view_rows is not None else {}))
+        added.update(fresh)
         added.update(key for key, _, _ in pending_failures)
         counts.extracted += len(keys)
+        counts.views_extracted += len(view_ids)
+        counts.reused += sum(item.image is None for item in fresh.values())  # only views were missing
         batch.clear(), pending_files.clear(), pending_failures.clear()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
@@ -187,14 +231,18 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
                     pending_failures.append((item.record.key, item.entry.relpath, item.error))
                 if index.get(item.entry.relpath) != item.record:  # re-checked failures stay one entry
                     pending_files.append((item.entry.relpath, item.record))
-            elif item.image is None or is_known(item.record.key):
+            elif (item.image is None and not item.views) or is_known(item.record.key):
                 counts.reused += 1
                 pending_files.append((item.entry.relpath, item.record))
             else:
                 batch.append(item)
-            if len(batch) >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
+                pending_pixels += (item.image is not None) + len(item.views)
+            if pending_pixels >= config.backbone.batch_size or len(pending_files) >= _INDEX_COMMIT_EVERY:
                 commit()
+                pending_pixels = 0
             on_image()
+            if bar is not None and views is not None and views.wanted:
+                bar.set_postfix(views=counts.views_extracted, refresh=False)
         commit()
     return counts
 
@@ -229,8 +277,8 @@ def _recheck_key(*reason) -> str:
     return _RECHECK + hashlib.sha256(":".join(map(str, reason)).encode()).hexdigest()[:63]
 
 
-def make_loader(size: int, max_pixels: int, known: Container[str]):
-    """Read a file once: hash it, and decode it only if its content is not cached yet."""
+def make_loader(size: int, max_pixels: int, known: Container[str], views: ViewNeeds | None = None):
+    """Read a file once: hash it, and decode it (and make its wanted views) only for what is not cached yet."""
 
     def load(job: tuple[ImageEntry, os.stat_result | None]) -> Loaded:
         entry, stat = job
@@ -245,7 +293,12 @@ def make_loader(size: int, max_pixels: int, known: Container[str]):
         if record.key in known:
             return Loaded(entry, record)
         try:
-            return Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+            if views is None:
+                return Loaded(entry, record, image=images.decode_image(data, size, max_pixels=max_pixels))
+            image = None if record.key in views.rows else images.decode_image(data, size, max_pixels=max_pixels)
+            wanted = views.missing(record.key)
+            made = augment.make_views(data, record.key, wanted, size, max_pixels=max_pixels) if wanted else {}
+            return Loaded(entry, record, image=image, views=made)
         except images.ImageTooLarge as exc:  # decodes once data.max_image_pixels is raised
             return Loaded(entry, replace(record, key=_recheck_key("too large", record.key, max_pixels)),
                            error=str(exc))

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from . import backbones, demo
+from . import augment, backbones, demo
 from .cache import FeatureCache, cache_path
 from .config import Config
 from .dataset import Dataset, ImageEntry, discover, shown
@@ -168,3 +168,36 @@ class FeatureRows:
             m2 = m2 + chunk_m2 + delta ** 2 * count * n / total
             count = total
         return mean, m2 / max(count, 1)
+
+
+def scoring_features(cache: FeatureCache, keys: list[str], tta: str) -> np.ndarray:
+    """The rows a head scores: clean ones, or with flip TTA each clean row averaged with its mirror's.
+
+    Held-out images are always scored from their clean rows (and mirror); random views never are.
+    """
+    rows = cache.row_index()
+    clean = cache.read_features([rows[key] for key in keys])
+    if tta == "none":
+        return clean
+    recipe_id = augment.RECIPE.fingerprint_id()
+    views = cache.view_index(recipe_id)
+    missing = [key for key in keys if (key, augment.MIRROR) not in views]
+    if missing:
+        raise CacheError(f"{len(missing)} image(s) have no mirrored view in {cache.path} for head.tta = \"flip\"; "
+                         "fix: run `make extract` with head.tta = \"flip\" (it adds only the mirrored views)")
+    mirrored = cache.read_view_features(recipe_id, [views[(key, augment.MIRROR)] for key in keys])
+    return (clean + mirrored) / 2
+
+
+def training_views(cache: FeatureCache, keys: list[str], classes: np.ndarray,
+                   indices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Feature rows and classes of the given views of training images (never of validation or test ones)."""
+    recipe_id = augment.RECIPE.fingerprint_id()
+    views = cache.view_index(recipe_id) if indices else {}
+    wanted = [(key, index, label) for key, label in zip(keys, classes) for index in indices]
+    missing = [key for key, index, _ in wanted if (key, index) not in views]
+    if missing:
+        raise CacheError(f"{len(set(missing))} training image(s) lack some of their {len(indices)} view(s) in "
+                         f"{cache.path}; fix: run `make extract` with the same augment.views and head.tta")
+    features = cache.read_view_features(recipe_id, [views[(key, index)] for key, index, _ in wanted])
+    return features, np.array([label for _, _, label in wanted], dtype=np.int64)

@@ -30,12 +30,13 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import backbones, images
+from . import augment, backbones, images
 from .cache import FeatureCache
 from .config import BackboneConfig
 from .dataset import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetError, ImageError, PipelineError
 from .extract import _prefetch
+from .features import scoring_features
 from .heads import load_head
 from .pixel_models import PREDICT_BATCH, load_model, predict_pixels, whole_model
 from .report import UNKNOWN
@@ -165,9 +166,13 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
     batches of decoded pixels.
     """
     rows, failures, cache = {}, {}, None
+    tta = run.config.head.tta if use_cache else "none"  # flip TTA averages frozen features, never a whole model's
     if use_cache and Path(run.info["cache"]).is_file():
         cache = FeatureCache(run.info["cache"], run.info["fingerprint"])
         rows, failures = cache.row_index(), cache.failures()
+        if tta == "flip":  # content without its mirrored view goes through the backbone, both ways
+            mirrored = cache.view_index(augment.RECIPE.fingerprint_id())
+            rows = {key: row for key, row in rows.items() if (key, augment.MIRROR) in mirrored}
     max_pixels = run.config.data.max_image_pixels
 
     def load(path: Path) -> _Loaded:
@@ -194,9 +199,14 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
         nonlocal model
         if batch:
             model = model or compute()
-            computed = model(np.stack(list(batch.values())))
+            pixels = np.stack(list(batch.values()))
+            computed = model(pixels)
             if stored is not None:  # rounded as the cache stores them: the same score cached or not
                 computed = computed.astype(stored).astype(np.float32)
+            if tta == "flip":
+                mirrored = model(np.ascontiguousarray(pixels[:, :, ::-1]))
+                computed = (computed + (mirrored.astype(stored).astype(np.float32) if stored is not None
+                                        else mirrored)) / 2
             fresh.update(zip(batch, computed))
             batch.clear()
 
@@ -218,7 +228,7 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
                         flush()
             flush()
         cached_keys = sorted({key for key in keys if key in rows and key not in fresh})
-        from_cache = dict(zip(cached_keys, cache.read_features([rows[k] for k in cached_keys]))) if cached_keys else {}
+        from_cache = dict(zip(cached_keys, scoring_features(cache, cached_keys, tta))) if cached_keys else {}
     finally:
         bar.close()
         if cache is not None:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import augment
 from .config import Config
 from .dataset import assign_splits
 from .errors import DatasetError
-from .features import FeatureRows, dataset_from_config, match_cached, open_cache, require_complete, trainable
+from .features import (FeatureRows, dataset_from_config, match_cached, open_cache, require_complete,
+                       scoring_features, trainable, training_views)
 from .heads import make_head
 from .runs import new_run_dir, save_run
 
@@ -39,6 +41,7 @@ class TrainResult:
 
 def run_train(config: Config) -> TrainResult:
     started = time.perf_counter()
+    warnings: list[str] = []
     dataset = dataset_from_config(config)
     with open_cache(config) as cache:
         cached = match_cached(dataset, cache)
@@ -55,18 +58,34 @@ def run_train(config: Config) -> TrainResult:
         rows = cache.row_index()
         samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
                    for e in entries if e.relpath in splits]
-        data = {}
+        data, keys = {}, {}
         for split in ("train", "val"):
             chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
             if not chosen:
                 raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
-            data[split] = FeatureRows.of(cache, [rows[s["key"]] for s in chosen], [class_of[s["label"]] for s in chosen])
+            keys[split] = [s["key"] for s in chosen]
+            labels_of = [class_of[s["label"]] for s in chosen]
+            if split == "val" and config.head.tta != "none":  # scored as the report will: clean and mirror
+                data[split] = scoring_features(cache, keys[split], config.head.tta), np.array(labels_of)
+            else:
+                rows_of = FeatureRows.of(cache, [rows[key] for key in keys[split]], labels_of)
+                data[split] = rows_of, rows_of.labels
+        view_indices = augment.wanted_views(config.augment.views, config.head.tta)
+        views = training_views(cache, keys["train"], np.array([class_of[s["label"]] for s in samples
+                                                               if s["split"] == "train" and s["label"] is not None]),
+                               view_indices) if view_indices else None
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
+    head = make_head(config.head)
+    if views is not None and not getattr(head, "learns_from_views", False):
+        warnings.append(f"head.kind = {head.kind!r} does not use augmented views; fix: use head.kind = \"logreg\" "
+                        "to let validation decide whether views help")
+        views = None
     # heads read (or stream) their splits from the cache themselves: a big split is never held twice
-    train_rows, val_rows = data["train"], data["val"]
-    head = make_head(config.head).fit(train_rows, train_rows.labels, val_rows, val_rows.labels, n_classes=len(labels))
-    correct = sum(int(np.sum(head.predict_proba(X).argmax(1) == y)) for X, y in val_rows.chunks())
-    val_accuracy = correct / len(val_rows)
+    (train_X, train_y), (val_X, val_y) = data["train"], data["val"]
+    head.fit(train_X, train_y, val_X, val_y, n_classes=len(labels), **({"views": views} if views else {}))
+    val_chunks = val_X.chunks() if isinstance(val_X, FeatureRows) else [(val_X, val_y)]
+    correct = sum(int(np.sum(head.predict_proba(X).argmax(1) == y)) for X, y in val_chunks)
+    val_accuracy = correct / len(val_y)
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
     run_dir = new_run_dir(config)
@@ -74,6 +93,9 @@ def run_train(config: Config) -> TrainResult:
     info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
             "failed_images": len(cached.failed), "label_conflicts": conflicts, "fingerprint": fingerprint,
             "cache": cache_file, "dataset": config.dataset_name, "train_seconds": seconds,
+            "features": {"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
+                         "views_used": len(views[1]) if views else 0, "view_recipe": augment.RECIPE.fingerprint_id(),
+                         "tta": config.head.tta},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     save_run(run_dir, config, labels, samples, info, head.history_)
-    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts)
+    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts + warnings)

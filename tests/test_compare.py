@@ -86,8 +86,10 @@ def test_sweep_grid_and_its_mistakes():
                        "head.dense.dropout=[0.2, 0.5]"])
     assert len(grid) == 4 and ("head.kind=\"dense\"", "head.dense.hidden_units=[512, 128]",
                                "head.dense.dropout=0.5") in grid
-    with pytest.raises(ConfigError, match="head.\\* keys only"):
+    with pytest.raises(ConfigError, match="head.\\* keys, augment.views, backbone.pool_blocks only"):
         sweep_grid(["backbone.name=[\"resnet50\"]"])
+    assert sweep_grid(["augment.views=[0, 4]", "head.tta=[\"none\", \"flip\"]"])[-1] == ("augment.views=4",
+                                                                                      "head.tta=\"flip\"")
     with pytest.raises(ConfigError, match="TOML array of alternatives"):
         sweep_grid(["head.dense.dropout=0.2"])
     with pytest.raises(ConfigError, match="expected KEY="):

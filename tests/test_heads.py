@@ -21,7 +21,7 @@ def _data(n_classes, seed=0):
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     X, y, X_val, y_val = _data(n_classes)
-    head = LogisticRegressionHead(LogRegConfig(c_values=[0.01, 1.0])).fit(X, y, X_val, y_val)
+    head = LogisticRegressionHead(LogRegConfig(c_values=[0.01, 1.0], normalizations=["none"])).fit(X, y, X_val, y_val)
     assert head.C_ in (0.01, 1.0)
     assert [h["C"] for h in head.history_] == [0.01, 1.0]
     best = max(head.history_, key=lambda h: (h["val_accuracy"], -h["val_log_loss"]))
@@ -37,6 +37,35 @@ def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     loaded = load_head("logreg", tmp_path)
     np.testing.assert_array_equal(loaded.predict_proba(X_val), proba)
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "head.h5").is_file()
+
+
+@pytest.mark.parametrize("kind", ["l2", "sqrt"])
+def test_logreg_normalisation_is_sklearn_on_normalised_vectors_and_round_trips(tmp_path, kind):
+    X, y, X_val, y_val = _data(3)
+    X, X_val = np.abs(X), np.abs(X_val)  # like pooled ReLU features
+    head = LogisticRegressionHead(LogRegConfig(c_values=[1.0], normalizations=[kind])).fit(X, y, X_val, y_val)
+    assert head.params_["normalization"] == kind
+    root = (lambda v: np.sqrt(v)) if kind == "sqrt" else (lambda v: v)
+    unit = lambda v: root(v) / np.linalg.norm(root(v), axis=1, keepdims=True)  # noqa: E731
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, tol=1e-10)).fit(unit(X), y)
+    np.testing.assert_allclose(head.predict_proba(X_val), reference.predict_proba(unit(X_val)), atol=2e-2)
+    head.save(tmp_path)
+    np.testing.assert_array_equal(load_head("logreg", tmp_path).predict_proba(X_val), head.predict_proba(X_val))
+
+
+def test_logreg_view_weight_zero_is_the_plain_head_and_the_choice_never_loses_on_validation():
+    X, y, X_val, y_val = _data(3)
+    rng = np.random.default_rng(0)
+    views = (X + rng.normal(0, 3.0, X.shape), y)  # noisy views
+    config = LogRegConfig(c_values=[0.01, 1.0], normalizations=["none"], view_weights=[0.0])
+    plain = LogisticRegressionHead(config).fit(X, y, X_val, y_val)
+    chosen = LogisticRegressionHead(LogRegConfig(c_values=[0.01, 1.0], normalizations=["none"],
+                                                 view_weights=[0.0, 0.3, 1.0])).fit(X, y, X_val, y_val, views=views)
+    assert {h["view_weight"] for h in chosen.history_} == {0.0, 0.3, 1.0}
+    accuracy = lambda head: (head.predict_proba(X_val).argmax(1) == y_val).mean()  # noqa: E731
+    assert accuracy(chosen) >= accuracy(plain)
+    only_zero = LogisticRegressionHead(config).fit(X, y, X_val, y_val, views=views)
+    np.testing.assert_array_equal(only_zero.coef_, plain.coef_)
 
 
 def test_logreg_class_missing_from_training_is_never_predicted():

@@ -1,4 +1,5 @@
-"""Logistic regression on standardised features, its strength chosen on validation data.
+"""Logistic regression on normalised, standardised features; normalisation, the weight of
+augmented views and the strength C chosen on validation data.
 
 Fitted with scikit-learn, stored as the four arrays that define it (mean, scale,
 coefficients, intercepts) so that loading needs no pickle and an export can rebuild it
@@ -30,18 +31,25 @@ _CHAINS = 2  # warm-started chains of C values, fitted side by side
 
 class LogisticRegressionHead:
     kind = "logreg"
+    learns_from_views = True
 
     def __init__(self, config: LogRegConfig = LogRegConfig()):
         self.config = config
+        self.normalization_, self.view_weight_ = "none", 0.0
 
     def fit(self, X: np.ndarray | FeatureRows, y: np.ndarray, X_val: np.ndarray | FeatureRows, y_val: np.ndarray,
-            n_classes: int | None = None) -> "LogisticRegressionHead":
-        """Try each C; keep the best on validation accuracy (then log loss).
+            n_classes: int | None = None, views: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> "LogisticRegressionHead":
+        """Try each normalisation, view weight and C; keep the best on validation accuracy (then log
+        loss; of equals, the simplest: normalisations in the order given, smaller weights, smaller C).
 
-        The features are standardised in one float32 array per split, which the head owns: read
-        from the cache (FeatureRows) or copied from the arrays given. Nothing else of their size
-        is made, so training needs about 1.1x the float32 training matrix, and splits that do
-        not fit in memory are refused in one line before anything is read.
+        `views` are extra rows from augmented views of the training images, each weighted by the
+        view weight; 0 leaves them out, so with 0 among `view_weights` the choice is never worse
+        on validation than the plain head. Standardisation is fitted on the clean rows only.
+
+        The features are standardised in float32 arrays the head owns: read from the cache
+        (FeatureRows) or copied from the arrays given; splits that do not fit in memory are
+        refused in one line before anything is read.
 
         The C values are fitted on two fixed chains (every other value, each warm-started from
         its previous, smaller C) that run side by side on their own core, in float32, each
@@ -51,51 +59,69 @@ class LogisticRegressionHead:
         """
         n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
         _check_memory(X, X_val)
-        Z, y = _owned_float32(X, y)
-        Z_val, y_val = _owned_float32(X_val, y_val)
-        mean, variance = _moments(Z)
-        scale = np.sqrt(variance)
-        scale[scale == 0] = 1.0  # a constant feature, as StandardScaler leaves it
-        for matrix in (Z, Z_val):
-            _standardise_in_place(matrix, mean, scale)
+        raw, y = _owned_float32(X, y)
+        raw_val, y_val = _owned_float32(X_val, y_val)
+        weights = [0.0] if views is None else sorted(set(self.config.view_weights))
+        problems = []  # in the order of preference among equals
+        for normalization in dict.fromkeys(self.config.normalizations):
+            Z, Z_val = (normalize(matrix, normalization) if normalization != "none" else matrix.copy()
+                        for matrix in (raw, raw_val))  # standardised in place below: raw stays as read
+            mean, variance = _moments(Z)
+            scale = np.sqrt(variance)
+            scale[scale == 0] = 1.0  # a constant feature, as StandardScaler leaves it
+            for matrix in (Z, Z_val):
+                _standardise_in_place(matrix, mean, scale)
+            Z_views = None
+            if views is not None:
+                Z_views = normalize(np.asarray(views[0], np.float32), normalization)
+                _standardise_in_place(Z_views, mean, scale)
+            for weight in weights:
+                if weight:
+                    rows, labels = np.vstack([Z, Z_views]), np.concatenate([y, views[1]])
+                    sample_weight = np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)])
+                else:
+                    rows, labels, sample_weight = Z, y, None
+                problems.append((normalization, weight, mean, scale, rows, labels, sample_weight, Z_val))
         c_values = sorted(self.config.c_values)
-        chains = [c_values[start::_CHAINS] for start in range(_CHAINS)]
+        chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
 
-        def fit_chain(chain: list[float]) -> list[tuple]:
+        def fit_chain(job: tuple[int, list[float]]) -> list[tuple]:
+            number, chain = job
+            *_, rows, labels, sample_weight, Z_val = problems[number]
             model = LogisticRegression(max_iter=self.config.max_iter, tol=self.config.tol, warm_start=True)
             fitted = []
             for c in chain:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
                     warnings.simplefilter("ignore", UserWarning)  # log_loss clipping near-certain probabilities
-                    model.set_params(C=c).fit(Z, y)
+                    model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
                     proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
                     score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
-                fitted.append((c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
+                fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
                                model.classes_.copy()))
             return fitted
 
-        workers = max(1, min(len(chains), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        jobs = [(number, chain) for number in range(len(problems)) for chain in chains]
+        workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                              else os.cpu_count() or 1))
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            fitted = sorted((fit for chain in pool.map(fit_chain, [chain for chain in chains if chain]) for fit in chain),
-                            key=lambda fit: fit[0])
-        self.history_ = [{"C": c, "val_accuracy": score[0], "val_log_loss": -score[1]} for c, score, *_ in fitted]
-        best = max(fitted, key=lambda fit: fit[1])  # the first of equals: the smallest C
-        self.C_, _, coef, intercept, classes = best
-        self.mean_, self.scale_ = mean, scale
+            fitted = sorted((fit for chain in pool.map(fit_chain, jobs) for fit in chain), key=lambda fit: fit[:2])
+        self.history_ = [{"C": c, "normalization": problems[number][0], "view_weight": problems[number][1],
+                          "val_accuracy": score[0], "val_log_loss": -score[1]} for number, c, score, *_ in fitted]
+        number, self.C_, _, coef, intercept, classes = max(fitted, key=lambda fit: fit[2])  # the first of equals
+        self.normalization_, self.view_weight_, self.mean_, self.scale_ = problems[number][:4]
         self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
         return self
 
     @property
     def params_(self) -> dict:
-        return {"C": self.C_}
+        return {"C": self.C_, "normalization": self.normalization_, "view_weight": self.view_weight_}
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """In float64, a chunk of rows at a time: never a float64 copy of all of X."""
         out = np.empty((len(X), len(self.intercept_)))
         for start in range(0, len(X), _CHUNK_ROWS):
-            part = np.asarray(X[start:start + _CHUNK_ROWS], dtype=np.float64)
+            part = normalize(np.asarray(X[start:start + _CHUNK_ROWS], dtype=np.float64), self.normalization_)
             out[start:start + len(part)] = ((part - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         return out
 
@@ -110,6 +136,8 @@ class LogisticRegressionHead:
             for name in ("mean_", "scale_", "coef_", "intercept_"):
                 f.create_dataset(name.rstrip("_"), data=getattr(self, name))
             f.attrs["C"] = self.C_
+            f.attrs["normalization"] = self.normalization_
+            f.attrs["view_weight"] = self.view_weight_
 
     @classmethod
     def load(cls, directory: Path) -> "LogisticRegressionHead":
@@ -118,7 +146,20 @@ class LogisticRegressionHead:
             for name in ("mean_", "scale_", "coef_", "intercept_"):
                 setattr(head, name, f[name.rstrip("_")][...])
             head.C_ = float(f.attrs["C"])
+            head.normalization_ = str(f.attrs.get("normalization", "none"))  # heads saved before it existed: none
+            head.view_weight_ = float(f.attrs.get("view_weight", 0.0))
         return head
+
+
+def normalize(X: np.ndarray, kind: str) -> np.ndarray:
+    """A feature vector's normalisation before standardising, in X's float dtype: none (X itself),
+    l2 (unit length), or sqrt (signed square root, then unit length: Fisher vectors' power
+    normalisation). Anything but none returns a new array."""
+    if kind == "none":
+        return X
+    if kind == "sqrt":
+        X = np.sign(X) * np.sqrt(np.abs(X))
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12).astype(X.dtype)
 
 
 def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
