@@ -69,19 +69,19 @@ def write_image(path: Path, seed: int, size=(48, 40), fmt=None) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     """Three classes of eight synthetic images each, in class folders."""
-    root = tmp_path / "tiny"
-    for c, name in enumerate(["cat", "dog", "owl"]):
-        for i in range(8):
-            write_image(root / name / f"{name}_{i}.png", seed=100 * c + i)
-    return root
+    from pipeline_helpers import class_folders
+
+    return class_folders(tmp_path / "tiny", cat=8, dog=8, owl=8)
 
 
 def tiny_config(tmp_path: Path, root: Path, **overrides):
-    """A fast config: MobileNet v1 0.25 with random weights, caches and runs in tmp_path."""
+    """A fast config: MobileNet v1 0.25 with random weights, caches and runs in tmp_path, on
+    TensorFlow (so a test pays for an OpenVINO conversion only when it is about OpenVINO)."""
     from pipeline.config import load_config
 
     settings = {"data.root": str(root), "cache.dir": str(tmp_path / "cache"), "run.dir": str(tmp_path / "runs"),
                 "backbone.name": "mobilenet", "backbone.alpha": 0.25, "backbone.weights": "random",
-                "backbone.batch_size": 8, "data.val_percent": 25.0, "data.test_percent": 25.0}
+                "backbone.batch_size": 8, "backbone.runtime": "tensorflow", "data.val_percent": 25.0,
+                "data.test_percent": 25.0}
     settings.update(overrides)
     return load_config(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in settings.items()])

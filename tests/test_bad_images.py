@@ -7,7 +7,6 @@ the run completes and says how many it skipped; a decompression bomb is refused 
 any pixel memory exists.
 """
 
-import io
 import os
 import shutil
 import struct
@@ -26,25 +25,9 @@ from pipeline.extract import run_extract
 from pipeline.features import dataset_from_config, open_cache
 
 from conftest import REPO, tiny_config, write_image
-from pipeline_helpers import KeptExtractor, cli_args, permissions_enforced
+from pipeline_helpers import BLUE, RED, KeptExtractor, cli_args, encode, permissions_enforced, png_chunk, quadrants
 
-RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
-
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def quadrants(width: int = 64, height: int = 48) -> Image.Image:
-    """Four flat colours: any wrong rotation, flip or colour conversion is unmistakable."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[: height // 2, : width // 2] = RED
-    pixels[: height // 2, width // 2:] = (0, 200, 0)
-    pixels[height // 2:, : width // 2] = BLUE
-    pixels[height // 2:, width // 2:] = (240, 240, 0)
-    return Image.fromarray(pixels)
+WHITE = (255, 255, 255)
 
 
 def halves(width: int, height: int) -> Image.Image:
@@ -59,13 +42,11 @@ def halves(width: int, height: int) -> Image.Image:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of zeros: some 50 kB that decode to width x height pixels."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     packer = zlib.compressobj(9)
     row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
     pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
 
 
 def exif_rotated() -> bytes:

@@ -24,23 +24,13 @@ from pipeline.cli import main
 from pipeline.extract import run_extract
 
 from conftest import REPO, tiny_config, write_image
-from pipeline_helpers import KeptExtractor, cli_args
+from pipeline_helpers import KeptExtractor, class_folders, cli_args, wait_for
 
 
 def _start_extract(config, log: Path) -> subprocess.Popen:
     with open(log, "wb") as stderr:
         return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--no-progress", *cli_args(config)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
-
-
-def _wait_for(condition, process: subprocess.Popen, log: Path, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if process.poll() is not None and not condition():
-            raise AssertionError(f"extract ended first: {log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"extract made no progress: {log.read_text()[-2000:]}")
-        time.sleep(0.005)
 
 
 @contextlib.contextmanager
@@ -85,8 +75,8 @@ def test_a_second_extract_fails_at_once_naming_the_first(tmp_path, tiny_dataset,
     log = tmp_path / "first.log"
     first = _start_extract(config, log)
     try:
-        _wait_for(lambda: lock.exists() and lock.read_text() == f"pid {first.pid} on {socket.gethostname()}",
-                  first, log)
+        wait_for(lambda: lock.exists() and lock.read_text() == f"pid {first.pid} on {socket.gethostname()}",
+                 process=first, log=log)
         first.send_signal(signal.SIGSTOP)  # it holds the cache for as long as the second one tries
         capsys.readouterr()
         assert main(["extract", "--no-progress", *cli_args(config)]) == 2
@@ -106,9 +96,7 @@ def test_a_second_extract_fails_at_once_naming_the_first(tmp_path, tiny_dataset,
 
 def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_path, capsys):
     root = tmp_path / "farm"
-    for c, label in enumerate(("wolf", "sheep")):
-        for i in range(12):
-            write_image(root / label / f"{i:02d}.png", seed=100 * c + i)
+    class_folders(root, "{i:02d}.png", wolf=12, sheep=12)
     config = tiny_config(tmp_path, root, **{"backbone.batch_size": 2})
     fp = backbones.fingerprint(config)
     path = cache_path(config.cache.dir, config.dataset_name, fp)
@@ -126,7 +114,7 @@ def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_pa
     reader = FeatureCache(path, fp)  # a reader has the file open: the writer waits for it, and says so
     writer = _start_extract(config, log)
     try:
-        _wait_for(lambda: "waiting for readers of" in log.read_text(), writer, log)
+        wait_for(lambda: "waiting for readers of" in log.read_text(), process=writer, log=log)
         reader.close()
         snapshots = []
         while True:  # certainly half-way: the writer stopped between two commits, some of the new rows in

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import main
 
 from conftest import REPO, tiny_config, write_image
-from pipeline_helpers import cli_args
+from pipeline_helpers import class_folders, cli_args
 
 
 def _run(capsys, stage: str, *args: str) -> tuple[int, list[str]]:
@@ -24,11 +24,7 @@ def _run(capsys, stage: str, *args: str) -> tuple[int, list[str]]:
 
 
 def _classes(root, **sizes: int):
-    for c, (label, size) in enumerate(sizes.items()):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(size):
-            write_image(root / label / f"{i}.png", seed=100 * c + i)
-    return root
+    return class_folders(root, "{i}.png", **sizes)
 
 
 CONFIG_MISTAKES = {

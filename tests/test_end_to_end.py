@@ -2,7 +2,7 @@
 
 import json
 
-import pytest
+from PIL import Image
 
 from pipeline import backbones
 from pipeline.cli import main
@@ -14,24 +14,38 @@ def _run(stage, config_args, *extra):
     assert main([stage, *config_args, *extra]) == 0
 
 
-def test_flowers5_mobilenet_imagenet_reaches_075(tmp_path, flowers5, keras_home):
+# Validation accuracy on flowers5 (750 train, 200 val photos) with MobileNet v1 0.25's ImageNet
+# features, as measured (AMD EPYC, Zen 3): logistic regression 0.835 (deterministic); the dense
+# head 0.84, 0.845, 0.86, 0.835, 0.83 with seeds 0-4 (README's run: 0.855). A regression of more
+# than about 2 points fails.
+MEASURED = {"logreg": 0.835, "dense": 0.845}
+FLOOR_BAND = 0.02
+
+
+def test_flowers5_mobilenet_imagenet_holds_its_measured_accuracy_with_both_heads(tmp_path, flowers5, keras_home):
     args = ["--config", str(REPO / "configs" / "flowers5.toml"), "--set", f"data.root='{flowers5}'",
             "--set", "backbone.name=mobilenet", "--set", "backbone.alpha=0.25",
             "--set", f"cache.dir='{tmp_path / 'cache'}'", "--set", f"run.dir='{tmp_path / 'runs'}'"]
     _run("extract", args, "--no-progress")
-    _run("train", args)
-    _run("report", args)
-    (report,) = (tmp_path / "runs" / "flowers5").glob("*/report")
-    metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["split"] == "val" and metrics["n_labeled"] == 200
-    assert metrics["accuracy"] >= 0.75, metrics["accuracy"]
-    predictions = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 200
-    first = predictions[0]
-    assert set(first) >= {"image", "class", "predictions"}
-    probabilities = list(first["predictions"].values())
-    assert probabilities == sorted(probabilities, reverse=True)
-    assert (report / "confusion_matrix.png").stat().st_size > 0
+    for head in MEASURED:
+        _run("train", args, "--set", f"head.kind={head}")
+        _run("report", args)
+    reports = {json.loads((run / "run.json").read_text())["head"]: run / "report"
+               for run in (tmp_path / "runs" / "flowers5").iterdir()}
+    assert set(reports) == set(MEASURED)
+    for head, report in reports.items():
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert metrics["split"] == "val" and metrics["n_labeled"] == 200
+        assert abs(metrics["accuracy"] - MEASURED[head]) <= FLOOR_BAND, (head, metrics["accuracy"])
+        predictions = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+        assert len(predictions) == 200
+        first = predictions[0]
+        assert set(first) >= {"image", "class", "predictions"}
+        probabilities = list(first["predictions"].values())
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(next(iter(p["predictions"])) == p["class"] for p in predictions) == round(200 * metrics["accuracy"])
+        with Image.open(report / "confusion_matrix.png") as png:
+            assert png.format == "PNG" and png.width > 300
 
 
 def test_hymenoptera_inception_v3_random_weights_whole_pipeline(tmp_path, hymenoptera, monkeypatch, capsys):

@@ -4,7 +4,7 @@ Parity runs on real flowers5 photos with real MobileNet v1 0.25 ImageNet weights
 a PNG with transparency, a grayscale JPEG and a large JPEG that the decoder scales down.
 """
 
-import io
+import importlib
 import json
 import os
 import shutil
@@ -12,17 +12,20 @@ import subprocess
 import sys
 import textwrap
 
+import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline import images, tf_images
+from pipeline import backbones, images, tf_images
 from pipeline.cli import main
 from pipeline.export import PARITY_TOLERANCE, export_tflite, run_export
 from pipeline.heads.logreg import LogisticRegressionHead
 from pipeline.predict import run_predict
+
+from pipeline_helpers import encode
 
 CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
 ODD_ONES = ("roses/grey.jpg", "tulips/transparent.png", "daisy/large.jpg")
@@ -31,19 +34,13 @@ decode_in_graph = tf.function(lambda data: tf_images.decode_image(data, 224),
                               input_signature=[tf.TensorSpec([], tf.string)])
 
 
-def _encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def _odd_images(photo: Image.Image) -> dict[str, bytes]:
     """A grayscale JPEG, an RGBA PNG fading to transparent, and a JPEG large enough for DCT scaling."""
     rgba = np.asarray(photo.convert("RGBA")).copy()
     rgba[..., 3] = np.linspace(255, 0, rgba.shape[1]).astype(np.uint8)[None]
-    return {"roses/grey.jpg": _encode(photo.convert("L"), "JPEG", quality=90),
-            "tulips/transparent.png": _encode(Image.fromarray(rgba), "PNG"),
-            "daisy/large.jpg": _encode(photo.resize((1000, 760), Image.Resampling.BICUBIC), "JPEG", quality=92)}
+    return {"roses/grey.jpg": encode(photo.convert("L"), "JPEG", quality=90),
+            "tulips/transparent.png": encode(Image.fromarray(rgba), "PNG"),
+            "daisy/large.jpg": encode(photo.resize((1000, 760), Image.Resampling.BICUBIC), "JPEG", quality=92)}
 
 
 @pytest.fixture(scope="module")
@@ -91,29 +88,29 @@ def _variants() -> dict[str, bytes]:
     grey16 = (np.asarray(photo.convert("L"), np.uint16) * 257 + rng.integers(0, 257, (300, 400))).astype(np.uint16)
     corner = tuple(np.asarray(photo)[0, 0].tolist())
     variants = {
-        "progressive JPEG": _encode(photo, "JPEG", progressive=True),
-        "4:4:4 JPEG": _encode(photo, "JPEG", subsampling=0),
-        "CMYK JPEG": _encode(photo.convert("CMYK"), "JPEG"),
-        "1/8-scaled JPEG": _encode(photo.resize((1900, 1800)), "JPEG"),
-        "RGB PNG": _encode(photo, "PNG"),
-        "LA PNG": _encode(photo.convert("LA"), "PNG"),
-        "palette PNG": _encode(photo.convert("P"), "PNG"),
-        "palette PNG, transparent entry": _encode(photo.convert("P"), "PNG", transparency=3),
-        "RGB PNG, transparent colour": _encode(photo, "PNG", transparency=corner),
-        "16-bit grey PNG": _encode(Image.fromarray(grey16), "PNG"),
-        "1-bit PNG": _encode(photo.convert("1"), "PNG"),
-        "1-bit PNG, transparent black": _encode(photo.convert("1"), "PNG", transparency=0),
-        "4-bit grey PNG, transparent grey": _encode(photo.convert("L").point(lambda v: v // 17 * 17), "PNG", bits=4,
+        "progressive JPEG": encode(photo, "JPEG", progressive=True),
+        "4:4:4 JPEG": encode(photo, "JPEG", subsampling=0),
+        "CMYK JPEG": encode(photo.convert("CMYK"), "JPEG"),
+        "1/8-scaled JPEG": encode(photo.resize((1900, 1800)), "JPEG"),
+        "RGB PNG": encode(photo, "PNG"),
+        "LA PNG": encode(photo.convert("LA"), "PNG"),
+        "palette PNG": encode(photo.convert("P"), "PNG"),
+        "palette PNG, transparent entry": encode(photo.convert("P"), "PNG", transparency=3),
+        "RGB PNG, transparent colour": encode(photo, "PNG", transparency=corner),
+        "16-bit grey PNG": encode(Image.fromarray(grey16), "PNG"),
+        "1-bit PNG": encode(photo.convert("1"), "PNG"),
+        "1-bit PNG, transparent black": encode(photo.convert("1"), "PNG", transparency=0),
+        "4-bit grey PNG, transparent grey": encode(photo.convert("L").point(lambda v: v // 17 * 17), "PNG", bits=4,
                                                     transparency=51),
-        "GIF": _encode(photo, "GIF"),
-        "BMP": _encode(photo, "BMP"),
-        "WebP": _encode(photo, "WEBP", quality=80),
+        "GIF": encode(photo, "GIF"),
+        "BMP": encode(photo, "BMP"),
+        "WebP": encode(photo, "WEBP", quality=80),
     }
     for orientation in range(1, 9):
         exif = Image.Exif()
         exif[0x0112] = orientation
-        variants[f"JPEG, EXIF orientation {orientation}"] = _encode(wide, "JPEG", exif=exif)
-        variants[f"PNG, EXIF orientation {orientation}"] = _encode(wide, "PNG", exif=exif)
+        variants[f"JPEG, EXIF orientation {orientation}"] = encode(wide, "JPEG", exif=exif)
+        variants[f"PNG, EXIF orientation {orientation}"] = encode(wide, "PNG", exif=exif)
     return variants
 
 
@@ -125,9 +122,9 @@ def test_decoding_in_the_graph_matches_every_variant(name, data):
 def test_files_the_graph_cannot_decode_as_training_did_are_refused():
     photo = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     with pytest.raises(tf.errors.InvalidArgumentError, match="TensorFlow ignores its palette; convert it to PNG"):
-        decode_in_graph(_encode(photo.convert("P"), "BMP"))
+        decode_in_graph(encode(photo.convert("P"), "BMP"))
     with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
-        decode_in_graph(_encode(photo, "TIFF"))
+        decode_in_graph(encode(photo, "TIFF"))
 
 
 def _report_probabilities(run_dir) -> dict[str, list[float]]:
@@ -267,3 +264,57 @@ def test_tflite_is_skipped_with_a_clear_message_when_the_converter_fails(flowers
                                                  "converter could not run here); the .keras file and the SavedModel "
                                                  "are complete without it"}
     assert not (tmp_path / "model.tflite").exists()
+
+
+def _distinct_preprocessing() -> list[str]:
+    """One registered backbone per distinct preprocessing and input size: each is a different graph
+    for the export to rebuild (caffe-style BGR, in-model rescaling, -1..1 at 299 px, ...)."""
+    ramp = np.stack([np.arange(256), np.arange(256)[::-1], np.arange(256) * 7 % 256], -1).astype(np.float32)
+    first = {}
+    for name, spec in backbones.REGISTRY.items():
+        preprocessed = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input(ramp.copy())
+        first.setdefault((np.asarray(preprocessed).round(4).tobytes(), spec.input_size), name)
+    return sorted(first.values())
+
+
+@pytest.mark.parametrize("name", [n for n in _distinct_preprocessing() if n != "mobilenet"])  # mobilenet: above
+def test_every_kind_of_preprocessing_exports_with_parity(flowers_run, tmp_path, name):
+    """Random weights (no ImageNet files here but MobileNet's), real photos, the SavedModel against the report."""
+    _, root, _, _ = flowers_run
+    args = [f"--set=data.root='{root}'", f"--set=cache.dir='{tmp_path / 'cache'}'", f"--set=run.dir='{tmp_path / 'runs'}'",
+            f"--set=backbone.name={name}", "--set=backbone.weights=random", "--set=backbone.batch_size=13"]
+    assert main(["extract", "--no-progress", *args]) == 0 and main(["train", *args]) == 0
+    (run_dir,) = (tmp_path / "runs" / "flowers").iterdir()
+    result = run_export(run_dir, tflite=False)
+    assert result.parity["images"] == 13 and result.parity["max_abs_diff"] <= PARITY_TOLERANCE, result.parity
+
+
+def test_mobilenet_v2_with_its_real_imagenet_weights_exports_with_parity(flowers_run, tmp_path):
+    _, root, _, _ = flowers_run
+    args = [f"--set=data.root='{root}'", f"--set=cache.dir='{tmp_path / 'cache'}'", f"--set=run.dir='{tmp_path / 'runs'}'",
+            "--set=backbone.name=mobilenet_v2", "--set=backbone.alpha=0.35"]
+    assert main(["extract", "--no-progress", *args]) == 0 and main(["train", *args]) == 0
+    (run_dir,) = (tmp_path / "runs" / "flowers").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["fingerprint"]["weights"].startswith("imagenet:mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5:sha256=")
+    result = run_export(run_dir, tflite=False)
+    assert result.parity["images"] == 13 and result.parity["max_abs_diff"] <= PARITY_TOLERANCE, result.parity
+
+
+def test_an_export_that_disagrees_with_its_report_is_refused(flowers_run, tmp_path, capsys):
+    """As if the backbone had changed since the features were cached: the cached rows no longer match the model."""
+    run_dir, _, _, _ = flowers_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export", "p.jsonl"))
+    info = json.loads((copy / "run.json").read_text())
+    cache = tmp_path / "cache.h5"
+    shutil.copy(info["cache"], cache)
+    (copy / "run.json").write_text(json.dumps({**info, "cache": str(cache)}))
+    with h5py.File(cache, "r+") as f:
+        f["rows/feature"][...] = f["rows/feature"][...][::-1]  # every image gets another image's features
+    capsys.readouterr()
+    assert main(["export", "--run", str(copy), "--no-tflite"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the exported model differs from the report by ")
+    assert f"do not ship {copy / 'export'}: please report this with export.json" in line
+    parity = json.loads((copy / "export" / "export.json").read_text())["parity"]
+    assert parity["max_abs_diff"] > PARITY_TOLERANCE

@@ -10,36 +10,19 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from pipeline import backbones
 from pipeline.extract import run_extract
 from pipeline.features import dataset_from_config, match_cached, open_cache
 
 from conftest import REPO, tiny_config, write_image
-
-
-class CountingExtractor:
-    """The real extractor, counting the images it is given."""
-
-    instances = []
-
-    def __init__(self, backbone):
-        self.inner = backbones.FeatureExtractor(backbone)
-        self.feature_dim = self.inner.feature_dim
-        self.images = 0
-        CountingExtractor.instances.append(self)
-
-    def __call__(self, batch):
-        self.images += len(batch)
-        return self.inner(batch)
+from pipeline_helpers import CountingExtractor
 
 
 def _extract(config, **kwargs):
-    CountingExtractor.instances.clear()
-    summary = run_extract(config, progress=False, make_extractor=CountingExtractor, **kwargs)
-    calls = sum(e.images for e in CountingExtractor.instances)
-    return summary, calls
+    counting = CountingExtractor()
+    summary = run_extract(config, progress=False, make_extractor=counting, **kwargs)
+    return summary, counting.images
 
 
 def test_incremental_extract_runs_backbone_on_new_images_only(tmp_path, tiny_dataset):
@@ -48,9 +31,10 @@ def test_incremental_extract_runs_backbone_on_new_images_only(tmp_path, tiny_dat
     assert (summary.extracted, calls, summary.failed) == (24, 24, [])
     assert summary.cache_path.is_file()
 
-    summary, calls = _extract(config)
-    assert (summary.extracted, summary.reused, calls) == (0, 24, 0)
-    assert not CountingExtractor.instances, "an unchanged dataset must not even build the backbone"
+    counting = CountingExtractor()
+    summary = run_extract(config, progress=False, make_extractor=counting)
+    assert (summary.extracted, summary.reused, counting.images) == (0, 24, 0)
+    assert counting.built == 0, "an unchanged dataset must not even build the backbone"
 
     for i in range(10):
         write_image(tiny_dataset / "owl" / f"new_{i}.png", seed=5000 + i)

@@ -32,7 +32,7 @@ from pipeline.extract import run_extract
 from pipeline.features import open_cache
 
 from conftest import REPO, TRIAL_SEED, tiny_config, write_image
-from pipeline_helpers import KeptExtractor, cli_args
+from pipeline_helpers import KeptExtractor, class_folders, cli_args, wait_for
 
 FP = {"backbone": "test", "weights": "synthetic"}
 DIM = 16
@@ -209,10 +209,7 @@ KILL_TRIALS = 10
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """Two classes of 60 small photos and two broken files, so that commits carry failures too."""
-    root = tmp_path_factory.mktemp("kill") / "photos"
-    for c, label in enumerate(("wolf", "sheep")):
-        for i in range(60):
-            write_image(root / label / f"{label} {i:03d}.png", seed=1000 * c + i)
+    root = class_folders(tmp_path_factory.mktemp("kill") / "photos", "{label} {i:03d}.png", 1000, wolf=60, sheep=60)
     (root / "wolf" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (root / "sheep" / "empty.png").write_bytes(b"")
     return root
@@ -220,14 +217,6 @@ def photos(tmp_path_factory):
 
 def _config(tmp_path: Path, root: Path, cache_dir: Path):
     return tiny_config(tmp_path, root, **{"cache.dir": str(cache_dir), "backbone.batch_size": 2})
-
-
-def _wait_for(condition, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the extract subprocess neither progressed nor ended")
-        time.sleep(0.002)
 
 
 def _kill_at_random_moment(config, rng: random.Random, window: list[float], log: Path) -> str:
@@ -242,12 +231,12 @@ def _kill_at_random_moment(config, rng: random.Random, window: list[float], log:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--no-progress", *cli_args(config)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for(lambda: path.exists() or process.poll() is not None)
+        wait_for(lambda: path.exists() or process.poll() is not None)
         if rng.random() < 0.25:
             phase, delay = "starting", rng.uniform(0, 1.5)
         else:
             size = path.stat().st_size if path.exists() else 0
-            _wait_for(lambda: not path.exists() or path.stat().st_size != size or process.poll() is not None)
+            wait_for(lambda: not path.exists() or path.stat().st_size != size or process.poll() is not None)
             phase, delay = "extracting", rng.uniform(0, window[0])
         started = time.monotonic()
         while time.monotonic() < started + delay and process.poll() is None:
@@ -309,9 +298,7 @@ def test_kill_9_at_random_moments_during_a_real_extract(tmp_path, photos):
 def test_disk_full_during_extract_is_one_clear_error_and_a_rerun_completes(tmp_path, capsys):
     """The file size limit (RLIMIT_FSIZE) makes the kernel refuse writes past it, as a full disk does."""
     root = tmp_path / "long names"
-    for c, label in enumerate(("wolf", "sheep")):
-        for i in range(24):
-            write_image(root / label / f"{'a rather long file name ' * 7}{i:02d}.png", seed=300 * c + i)
+    class_folders(root, "a rather long file name " * 7 + "{i:02d}.png", 300, wolf=24, sheep=24)
     clean_config = tiny_config(tmp_path, root, **{"cache.dir": str(tmp_path / "clean"), "backbone.batch_size": 4})
     clean_summary = run_extract(clean_config, progress=False, make_extractor=KeptExtractor)
     fp = backbones.fingerprint(clean_config)
@@ -344,10 +331,7 @@ def test_disk_full_during_extract_is_one_clear_error_and_a_rerun_completes(tmp_p
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("damage")
-    root = tmp_path / "tiny"
-    for c, label in enumerate(("cat", "dog", "owl")):
-        for i in range(8):
-            write_image(root / label / f"{label}_{i}.png", seed=100 * c + i)
+    root = class_folders(tmp_path / "tiny", cat=8, dog=8, owl=8)
     config = tiny_config(tmp_path, root)
     return config, run_extract(config, progress=False, make_extractor=KeptExtractor).cache_path
 
@@ -492,8 +476,11 @@ PICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "jobl
 
 
 def _unsafe_loads(tree: ast.AST) -> list[str]:
-    """Imports of pickling modules, and calls that would unpickle or run stored code."""
+    """Imports of pickling modules, and calls that would unpickle or run stored code. A function of
+    our own named `load_model` is not Keras': only Keras' (by attribute, or imported by name) is checked."""
     found = []
+    keras_names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and (node.module or "").split(".")[0] in ("keras", "tensorflow") for alias in node.names}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
@@ -505,15 +492,17 @@ def _unsafe_loads(tree: ast.AST) -> list[str]:
                 found.append(ast.unparse(node))
             if called.endswith(("np.load", "numpy.load")) and "allow_pickle" not in flags:
                 found.append(f"{ast.unparse(node)} (np.load without allow_pickle=False)")
-            if called.endswith(("read_pickle", "torch.load", "load_model")) and "safe_mode" not in flags:
+            keras_load = called.endswith(".load_model") or called in keras_names and called == "load_model"
+            if (called.endswith(("read_pickle", "torch.load")) or keras_load) and "safe_mode" not in flags:
                 found.append(ast.unparse(node))
     return found
 
 
 def test_nothing_on_any_load_path_can_unpickle(tmp_path, tiny_dataset):
     planted = ast.parse("import pickle\nfrom joblib import load\nnp.load(f)\nnp.load(f, allow_pickle=True)\n"
-                        "keras.saving.load_model(p, safe_mode=False)\nkeras.saving.load_model(p)")
-    assert len(_unsafe_loads(planted)) == 6  # the scan finds what it looks for
+                        "keras.saving.load_model(p, safe_mode=False)\nkeras.saving.load_model(p)\n"
+                        "from keras.models import load_model\nload_model(p)")
+    assert len(_unsafe_loads(planted)) == 7  # the scan finds what it looks for
     sources = sorted((REPO / "pipeline").rglob("*.py"))
     assert len(sources) > 10
     found = {str(path.relative_to(REPO)): hits for path in sources

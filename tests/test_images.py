@@ -5,7 +5,6 @@ import hashlib
 import io
 import struct
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,27 +15,9 @@ from pipeline.errors import ImageError
 from pipeline.images import (DEFAULT_MAX_PIXELS, RESIZE_BITS, content_hash, decode_image, read_and_decode, resize,
                              resize_weights)
 
-RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
+from pipeline_helpers import RED, encode, noise, png_chunk, quadrants
 
-
-def encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def quadrants(width: int, height: int) -> Image.Image:
-    """Four flat colours, so any rotation or flip is unmistakable."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[: height // 2, : width // 2] = RED
-    pixels[: height // 2, width // 2:] = (0, 200, 0)
-    pixels[height // 2:, : width // 2] = (0, 0, 255)
-    pixels[height // 2:, width // 2:] = (240, 240, 0)
-    return Image.fromarray(pixels)
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
 def palette_image(transparent: bool) -> Image.Image:
@@ -50,10 +31,8 @@ def palette_image(transparent: bool) -> Image.Image:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares a 1-bit width x height image but carries no valid pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not zlib data") + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"not zlib data") + png_chunk(b"IEND", b"")
 
 
 MODES = {

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import backbones
 from pipeline.cache import FeatureCache
 from pipeline.cli import main
 from pipeline.errors import ConfigError, DatasetError, PipelineError
@@ -18,36 +17,17 @@ from pipeline.runs import load_run
 from pipeline.train import run_train
 
 from conftest import tiny_config, write_image
-from pipeline_helpers import permissions_enforced
+from pipeline_helpers import CountingExtractor, class_folders, permissions_enforced
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A logistic-regression run on 24 synthetic images (MobileNet 0.25, random weights)."""
     tmp_path = tmp_path_factory.mktemp("predict")
-    root = tmp_path / "tiny"
-    for c, name in enumerate(["cat", "dog", "owl"]):
-        for i in range(8):
-            write_image(root / name / f"{name}_{i}.png", seed=100 * c + i)
+    root = class_folders(tmp_path / "tiny", cat=8, dog=8, owl=8)
     config = tiny_config(tmp_path, root)
     run_extract(config, progress=False)
     return config, run_train(config).run_dir, root
-
-
-class CountingExtractor:
-    """The real FeatureExtractor, counting what reaches it."""
-
-    def __init__(self):
-        self.batches = []
-
-    def __call__(self, backbone_config):
-        extractor = backbones.FeatureExtractor(backbone_config)
-
-        def extract(batch):
-            self.batches.append(len(batch))
-            return extractor(batch)
-
-        return extract
 
 
 def report_probabilities(run_dir, relpaths):
