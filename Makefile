@@ -3,7 +3,7 @@
 #   make extract CONFIG=configs/flowers5.toml  (also train, report)
 #   make extract ENGINE=dask [ADDRESS=tcp://sched:8786]   the same extract on a Dask cluster (pip install -e '.[dask]')
 #   make train SET="head.kind=dense head.dense.dropout=0.3"
-#   make predict RUN=runs/flowers5/<run> INPUT=new_photos/ [THRESHOLD=0.6]   (RUN defaults to the newest run)
+#   make predict RUN=runs/flowers5/<run> INPUT=new_photos/ [THRESHOLD=0.6] [UNFAMILIAR=1]   (RUN: newest run)
 #   make export RUN=runs/flowers5/<run>       .keras + SavedModel + TFLite in <run>/export, checked against the report
 #   make sweep [VARY='head.dense.dropout=[0.2, 0.5]']   several heads on one cache, then the comparison table
 #   make compare                              this dataset's runs side by side (terminal + runs/<dataset>/compare.html)
@@ -33,7 +33,7 @@ report: $(VENV)/.installed
 
 predict: $(VENV)/.installed
 	$(if $(INPUT),,$(error INPUT is missing: make predict INPUT=<image file, folder or glob> [RUN=<run dir>]))
-	$(PY) -m pipeline predict $(ARGS) $(if $(RUN),--run $(RUN)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(INPUT)
+	$(PY) -m pipeline predict $(ARGS) $(if $(RUN),--run $(RUN)) $(if $(THRESHOLD),--threshold $(THRESHOLD)) $(if $(UNFAMILIAR),--unfamiliar) $(INPUT)
 
 export: $(VENV)/.installed
 	$(PY) -m pipeline export $(ARGS) $(if $(RUN),--run $(RUN))

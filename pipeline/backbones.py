@@ -225,12 +225,6 @@ def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "e
                                     cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
 
-def inference_function(backbone: BackboneConfig):
-    """The frozen backbone with its own preprocessing as one `tf.function`: a uint8 image batch
-    in, float32 rows out. Every runtime runs (or is converted from) this one function."""
-    return load_backbone(backbone).graph_function()
-
-
 class FeatureExtractor:
     """A frozen backbone as one function: a uint8 image batch in, float32 rows out.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import backbones, execution, images
+from . import backbones, execution, images, openvino_runtime
 from .cache import feature_chunks
 from .config import Config, DataConfig, to_toml
 from .dataset import IMAGE_EXTENSIONS
@@ -57,6 +57,12 @@ TARGETS = {  # name: (JSON path, comparison, bound), as set in the project's iss
     "pipeline/ceiling mobilenet 0.25 float32": (("ratios", "small_backbone_pipeline_over_ceiling"), ">=", 0.90),
     "small images: ours/tutorial wall": (("small_images", "ours_over_tutorial_wall"), "<=", 1.0),
     "logreg 5000x256x97 wall s": (("logreg_fit", "wall_s"), "<=", 3.0),
+    # issue 15: OpenVINO, where installed
+    "openvino/tensorflow mobilenet float32": (("runtimes", "openvino_over_tensorflow"), ">=", 1.5),
+    "pipeline bfloat16/openvino bfloat16 ceiling": (("ratios", "pipeline_over_openvino_ceiling", "bfloat16"), ">=",
+                                                    0.85),
+    "openvino float32 head probabilities max diff": (("agreement", "openvino_float32", "max_probability_difference"),
+                                                     "<=", 1e-4),
 }
 # The most a pipeline could score on a target on this machine: the backbone alone against naive.
 # Where that is below the bound, the hardware rather than the pipeline decides the target.
@@ -112,6 +118,9 @@ def run_bench(config: Config, options: BenchOptions = BenchOptions()) -> dict:
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         fp32 = _with(speed, backbone={"precision": "float32"}, cache={"dir": str(tmp / "float32")},
                      run={"dir": str(tmp / "runs")}, head={"kind": "logreg"})
+        _say("every execution path on MobileNet v1 0.25, float32, side by side")
+        result["runtimes"] = runtime_rates(_with(speed, backbone={**SMALL_BACKBONE, "precision": "float32"},
+                                                 cache={"dir": str(tmp / "runtimes")}), options)
         _say("unchanged rerun of extract, in a fresh process")
         result["rerun"] = child_stage(fp32, tmp, "extract", "--no-progress")
         _say(f"peak memory of extract at {' and '.join(map(str, options.memory_sizes))} images")
@@ -156,7 +165,8 @@ def machine_info(config: Config) -> dict:
                     "decode_workers": config.extract.workers or os.cpu_count(),
                     "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")},
         "versions": {"python": platform.python_version(), **{
-            name: importlib.metadata.version(name) for name in ("tensorflow", "keras", "numpy", "h5py", "pillow")}},
+            name: importlib.metadata.version(name) for name in ("tensorflow", "keras", "numpy", "h5py", "pillow")},
+            **({"openvino": openvino_runtime.openvino_version()} if openvino_runtime.available() else {})},
     }
 
 
@@ -260,9 +270,41 @@ def extraction_rates(config: Config, paths: list[Path], options: BenchOptions) -
     return [pooled, pipeline]
 
 
+def runtime_rates(config: Config, options: BenchOptions, rounds: int = 3) -> dict:
+    """Backbone-only img/s of every execution path this machine has (TensorFlow's graph and
+    XLA, OpenVINO's hints where installed), on one small backbone at the configured batch
+    size: built and warmed first, then timed in turns, each path keeping its best round, so
+    drifting load on a shared machine hits them alike. The fastest is marked."""
+    size = backbones.get_spec(config.backbone.name).input_size
+    batch_size = config.backbone.batch_size
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    names = [path.name for path in execution.candidates(config.backbone)]
+    extractors = {name: _first_call(config, batch_size, name, batch)[0] for name in names}
+    calls = max(2, -(-options.ceiling_images // batch_size))
+    rows = {name: None for name in names}
+    for _ in range(rounds):
+        for name, extractor in extractors.items():
+            _, wall, cpu = _timed(lambda: [extractor(batch) for _ in range(calls)])
+            row = {**_row("ceiling", config.backbone.precision, batch_size, calls * batch_size, wall, cpu),
+                   "path": name, "runtime": execution.PATHS[name].runtime}
+            if rows[name] is None or row["img_per_s"] > rows[name]["img_per_s"]:
+                rows[name] = row
+    best = max(rows.values(), key=lambda row: row["img_per_s"])
+    for row in rows.values():
+        row["best"] = row is best
+    by_runtime = {runtime: max(row["img_per_s"] for row in rows.values() if row["runtime"] == runtime)
+                  for runtime in {row["runtime"] for row in rows.values()}}
+    return {"backbone": f"{config.backbone.name} alpha {config.backbone.alpha}, weights random",
+            "rows": list(rows.values()), "best": best["path"],
+            "openvino_over_tensorflow": by_runtime["openvino"] / by_runtime["tensorflow"]
+            if "openvino" in by_runtime else None}
+
+
 def _first_call(config: Config, batch_size: int, path: str, batch: np.ndarray):
-    """A new extractor for `batch_size` on one path, and its first call, which builds the model and compiles it."""
-    extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size), path=path)
+    """A new extractor for `batch_size` on one path, and its first call, which builds the model and compiles it.
+    A runtime that converts the model (OpenVINO) keeps it in the cache folder, so it converts once per model."""
+    extractor = backbones.FeatureExtractor(dataclasses.replace(config.backbone, batch_size=batch_size), path=path,
+                                           cache_dir=Path(config.cache.dir))
     return extractor, extractor(batch)
 
 
@@ -399,27 +441,46 @@ def _write_unique_copies(jpegs: list[Path], count: int, root: Path) -> None:
 
 def precision_agreement(config: Config, options: BenchOptions, tmp: Path) -> tuple[dict, Config | None]:
     """With real ImageNet weights: do bf16 features (and float16 storage) match float32 ones,
-    and does a logistic-regression head score the same on them? Also gives the float32
+    and does a logistic-regression head score the same on them? Where OpenVINO is installed,
+    its float32 and bfloat16 features are held against TensorFlow's at the same precision,
+    and the float32 head is asked for its probabilities on both. Also gives the float32
     config, whose cache holds real features."""
     weights = options.agreement_weights or _find_agreement_weights()
     if weights is None:
         return {"skipped": "no MobileNet v1 0.25 ImageNet weights in $KERAS_HOME or ../shared/keras"}, None
-    base = _with(config, backbone={**SMALL_BACKBONE, "weights": str(weights)}, head={"kind": "logreg"},
-                 run={"dir": str(tmp / "agreement-runs")})
-    variants = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "float32"),
-                "float16_storage": ("float32", "float16")}
-    features, result = {}, {"backbone": "mobilenet alpha 0.25, ImageNet weights", "images": str(options.images)}
-    configs = {name: _with(base, backbone={"precision": precision}, cache={"dtype": dtype, "dir": str(tmp / name)})
-               for name, (precision, dtype) in variants.items()}
-    for name, variant in configs.items():  # float32 first: the others are compared with it
+    base = _with(config, backbone={**SMALL_BACKBONE, "weights": str(weights), "runtime": "tensorflow"},
+                 head={"kind": "logreg"}, run={"dir": str(tmp / "agreement-runs")})
+    variants = {  # name: precision, stored dtype, runtime, the variant it is compared with
+        "float32": ("float32", "float32", "tensorflow", "float32"),
+        "bfloat16": ("bfloat16", "float32", "tensorflow", "float32"),
+        "float16_storage": ("float32", "float16", "tensorflow", "float32")}
+    if openvino_runtime.available():
+        variants |= {"openvino_float32": ("float32", "float32", "openvino", "float32"),
+                     "openvino_bfloat16": ("bfloat16", "float32", "openvino", "bfloat16")}
+    features, heads, result = {}, {}, {"backbone": "mobilenet alpha 0.25, ImageNet weights",
+                                       "images": str(options.images)}
+    configs = {name: _with(base, backbone={"precision": precision, "runtime": runtime},
+                           cache={"dtype": dtype, "dir": str(tmp / name)})
+               for name, (precision, dtype, runtime, _) in variants.items()}
+    for name, variant in configs.items():  # references first: the others are compared with them
+        reference = variants[name][3]
         run_extract(variant, progress=False)
         features[name], bytes_per_row = _cached_features(variant)
-        accuracy = run_train(variant).val_accuracy
-        cosine = _cosines(features["float32"], features[name])
-        reference = result["float32"]["val_accuracy"] if name != "float32" else accuracy
-        result[name] = {"val_accuracy": accuracy, "accuracy_change_points": abs(accuracy - reference) * 100,
+        trained = run_train(variant)
+        heads[name] = trained.head
+        cosine = _cosines(features[reference], features[name])
+        reference_accuracy = result[reference]["val_accuracy"] if name != reference else trained.val_accuracy
+        result[name] = {"val_accuracy": trained.val_accuracy, "reference": reference,
+                        "accuracy_change_points": abs(trained.val_accuracy - reference_accuracy) * 100,
                         "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
                         "bytes_per_row": bytes_per_row}
+    if "openvino_float32" in result:  # the export parity tolerance is on probabilities: the same head on both rows
+        keys = sorted(features["float32"].keys() & features["openvino_float32"].keys())
+        probabilities = [heads["float32"].predict_proba(np.stack([features[name][key] for key in keys]))
+                         for name in ("float32", "openvino_float32")]
+        result["openvino_float32"]["max_probability_difference"] = float(np.abs(probabilities[0] - probabilities[1]).max())
+        result["openvino_float32"]["max_feature_difference"] = float(max(
+            np.abs(features["float32"][key] - features["openvino_float32"][key]).max() for key in keys))
     return result, configs["float32"]
 
 
@@ -487,11 +548,18 @@ def _add_ratios(result: dict) -> None:
         "ceiling_over_naive": {p: rows["ceiling", p]["img_per_s"] / naive for p in PRECISIONS},
         # the same in CPU time per image: less sensitive to other processes on a shared machine
         "pipeline_over_ceiling_cpu": {p: rows["ceiling", p]["cpu_ms_per_image"] / rows["pipeline", p]["cpu_ms_per_image"]
-                                      for p in PRECISIONS}}
+                                      for p in PRECISIONS},
+        # issue 15's yardstick: OpenVINO's best backbone-only rate (None where it is not installed)
+        "pipeline_over_openvino_ceiling": {p: _over_openvino(rows["pipeline", p], rows["ceiling", p]) for p in PRECISIONS}}
     small = {row["stage"]: row for row in result["small_backbone_rates"]}
     result["ratios"]["small_backbone_pipeline_over_ceiling"] = small["pipeline"]["img_per_s"] / small["ceiling"]["img_per_s"]
     pipeline_seconds = rows["pipeline", "float32"]["seconds"]
     result["train"]["fraction_of_extract"] = result["train"]["wall_s"] / pipeline_seconds
+
+
+def _over_openvino(pipeline: dict, ceiling: dict) -> float | None:
+    rates = [rate for name, rate in ceiling.get("paths_tried", {}).items() if name.startswith("openvino-")]
+    return pipeline["img_per_s"] / max(rates) if rates else None
 
 
 def check_targets(result: dict) -> dict:
@@ -531,6 +599,19 @@ def format_table(result: dict) -> str:
         lines.append(f"| {row['stage']} | {row['precision']} | {row['batch_size']} | {row['img_per_s']:.1f} | "
                      f"{row['gflops']:.0f} | {row['fraction_of_matmul']:.2f} | {row['cpu_ms_per_image']:.0f} | "
                      f"{row['img_per_s'] / naive:.1f}x | {vs_ceiling} | {busy} | {row.get('path', 'keras predict')} |")
+    for row in result["rates"]:
+        if "paths_tried" in row:
+            best = max(row["paths_tried"], key=row["paths_tried"].get)
+            lines.append(f"{row['precision']} ceiling, every path: " + ", ".join(
+                f"{name} {rate:.1f}{' (best)' if name == best else ''}" for name, rate in row["paths_tried"].items()))
+    runtimes = result.get("runtimes")
+    if runtimes:
+        ratio = runtimes["openvino_over_tensorflow"]
+        lines += ["", f"every path, {runtimes['backbone']}, batch {runtimes['rows'][0]['batch_size']}, backbone only"
+                  + (f" (OpenVINO/TensorFlow {ratio:.2f}x)" if ratio else " (OpenVINO not installed)") + ":",
+                  "| path | precision | img/s | CPU ms/img | |", "|---|---|---|---|---|"]
+        lines += [f"| {row['path']} | {row['precision']} | {row['img_per_s']:.1f} | {row['cpu_ms_per_image']:.1f} | "
+                  f"{'**best**' if row['best'] else ''} |" for row in runtimes["rows"]]
     memory, train = result["memory"], result["train"]
     lines += ["", f"peak RSS: this process {result['peak_rss_mib']:.0f} MiB; a fresh `extract` of "
               + " and ".join(f"{run['images']} images {run['peak_rss_mib']:.0f} MiB" for run in memory["runs"])
@@ -557,8 +638,10 @@ def format_table(result: dict) -> str:
         lines.append(f"precision agreement: skipped ({agreement['skipped']})")
     else:
         lines.append(f"precision agreement, {agreement['backbone']}, {Path(agreement['images']).name}:")
-        lines += [f"  {name}: val accuracy {row['val_accuracy']:.4f}, cosine to float32 mean {row['mean_cosine']:.5f} "
-                  f"min {row['min_cosine']:.5f}, {row['bytes_per_row']} bytes/row"
+        lines += [f"  {name}: val accuracy {row['val_accuracy']:.4f}, cosine to {row.get('reference', 'float32')} "
+                  f"mean {row['mean_cosine']:.5f} min {row['min_cosine']:.5f}, {row['bytes_per_row']} bytes/row"
+                  + (f", head probabilities within {row['max_probability_difference']:.1e}"
+                     if "max_probability_difference" in row else "")
                   for name, row in agreement.items() if isinstance(row, dict)]
     if "compression" in result:
         compression = result["compression"]

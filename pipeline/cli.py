@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--top", type=int, default=3, help="labels per image in the table (default: %(default)s)")
     predict.add_argument("--threshold", type=float, help="below this top probability the class is 'unknown'; pick "
                          "it from threshold_curve in the run's report/metrics.json")
+    predict.add_argument("--unfamiliar", action="store_true", help="images unlike the training images (novelty above "
+                         "the threshold the report calibrated on validation images) get class 'unknown'")
     predict.add_argument("--out", type=Path, help="JSON lines file (default: <run>/predictions/<time>.jsonl)")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     export = stages.add_parser("export", parents=[common], help="write one self-contained model (.keras, SavedModel, "
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runs import latest_run
 
             result = run_predict(args.run or latest_run(config), args.inputs, threshold=args.threshold,
-                                 out_path=args.out, progress=not args.no_progress)
+                                 out_path=args.out, progress=not args.no_progress, unfamiliar=args.unfamiliar)
             print(result.describe(top=args.top))
         elif args.stage == "export":
             from .export import run_export

@@ -194,6 +194,16 @@ class HeadConfig(Section, key="head"):
 
 
 @dataclass(frozen=True)
+class InspectConfig(Section, key="inspect"):
+    duplicate_similarity: float = setting(0.8, above=0, at_most=1)  # cosine of centred features: near-duplicates
+    unfamiliar_quantile: float = setting(0.95, at_least=0.5, below=1)  # novelty threshold: this quantile of val scores
+    folds: int = setting(5, at_least=2)  # cross-validation folds behind the label-issue probabilities
+    exact_search_up_to: int = setting(20000, at_least=0)  # rows; beyond this, faiss' HNSW index
+    map_points: int = setting(10000, at_least=1)  # at most this many images on the map (a random sample beyond)
+    seed: int = setting(0, **SEED)
+
+
+@dataclass(frozen=True)
 class FinetuneConfig(Section, key="finetune"):
     """Training the top of the backbone with the head, starting from a trained head run."""
     unfreeze: float = setting(0.5, above=0)  # below 1: that share of the backbone's weighted layers; 1 or more: blocks
@@ -226,6 +236,7 @@ class Config(Section):
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

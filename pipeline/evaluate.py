@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .cache import FeatureCache
 from .config import Config
+from .data_issues import inspect_run
 from .dataset import Dataset
 from .errors import CacheError, PipelineError
 from .features import dataset_from_config, scoring_features
@@ -31,6 +32,7 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
     dataset = _dataset(run.config)
     image_root = dataset.root if dataset else None
+    issues = None  # data inspection needs cached features: head runs only
     if whole_model(run.info):  # from scratch or fine-tuned: its features are in no cache
         probabilities = predict_samples(run, chosen, image_root)
         timings = {key: run.info.get(f"{key}_seconds") for key in ("extract", "train", "finetune")}
@@ -40,15 +42,20 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
         probabilities, extract_timing, file_keys = _score_cached(run, chosen)
         timings = {"extract": (extract_timing or {}).get("seconds"), "train": run.info.get("train_seconds")}
         conflicts = conflict_groups(dataset.entries, file_keys) if dataset else []
+        issues = inspect_run(run, split)
     timings["report"] = time.perf_counter() - started
     out_dir = run.dir / "report"
     context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
     context["seconds"] = timings
+    if issues is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        context["data_issues"] = {"summary": issues.summary(), "file": str(issues.write(out_dir))}
     images, true_labels = [s["image"] for s in chosen], [s["label"] for s in chosen]
     metrics = write_report(out_dir, labels=run.labels, images=images, true_labels=true_labels,
                            probabilities=probabilities, split=split, context=context)
     write_html_report(out_dir / "report.html", run=run, metrics=metrics, images=images, true_labels=true_labels,
-                      probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts)
+                      probabilities=probabilities, image_root=image_root, timings=timings, conflicts=conflicts,
+                      data_issues=issues)
     return out_dir, metrics
 
 

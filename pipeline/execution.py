@@ -142,7 +142,7 @@ def candidates(config) -> list[ExecutionPath]:
         runtime = f"backbone.runtime = {config.runtime!r}" if config.runtime != "auto" else ""
         compiled = f"backbone.compile = {config.compile!r}" if config.compile != "auto" else ""
         names = " with ".join(filter(None, (runtime, compiled))) or "these settings"
-        extra = f"; install it with pip install -e '.[{config.runtime}]'" if allowed == [] and runtime else ""
+        extra = f"; install it with pip install -e '.[{config.runtime}]'" if allowed and runtime else ""
         raise ConfigError(f"no way to run the backbone with {names} on this machine{extra}; fix: set "
                           "backbone.runtime and backbone.compile to \"auto\"")
     return usable
@@ -326,3 +326,6 @@ class PathChooser:
 
 def _timings(seconds: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.3f} s/batch" for name, value in sorted(seconds.items(), key=lambda kv: kv[1]))
+
+
+from . import openvino_runtime  # noqa: E402,F401  registers OpenVINO's paths; imports no OpenVINO until one is built

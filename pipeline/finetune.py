@@ -27,7 +27,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,7 @@ from .baseline import input_pipeline
 from .cache import FeatureCache
 from .config import Config, FinetuneConfig
 from .errors import ConfigError, PipelineError
+from .export import build_model
 from .features import dataset_from_config
 from .heads import load_head
 from .html_report import conflict_groups
@@ -124,8 +125,6 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
         data[split] = (pixels, np.array([class_of[s["label"]] for s in chosen]))
 
     keras.utils.set_random_seed(settings.seed)
-    from .export import build_model
-
     backbone = backbones.build_model(backbone_config)
     model = build_model(backbone_config, load_head(start.info["head"], start.dir), len(start.labels),
                         backbone=backbone)
@@ -170,7 +169,8 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
             "extract_seconds": _extract_seconds(start), "train_seconds": start.info.get("train_seconds"),
             "finetune_seconds": seconds, "kept_by": "best validation accuracy, ties by loss; epoch 0 is the frozen head",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_run(run_dir, start.config, start.labels, start.samples, info, history)
+    # the head run's data settings, with the recipe this fine-tune used
+    save_run(run_dir, replace(start.config, finetune=settings), start.labels, start.samples, info, history)
     result = FinetuneResult(run_dir, start.dir, start.labels, start.info["split_sizes"],
                             f"{spec.name}: {unfrozen.describe()} + {start.info['head']} head from {start.dir.name}",
                             len(history) - 1, keep.best_epoch, best["val_accuracy"], start.info["val_accuracy"],

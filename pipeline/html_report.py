@@ -53,18 +53,22 @@ def script_json(value) -> str:
 
 def write_html_report(path: Path, *, run: Run, metrics: dict, images: Sequence[str],
                       true_labels: Sequence[str | None], probabilities: np.ndarray, image_root: Path | None,
-                      timings: dict[str, float | None], conflicts: Sequence[Sequence[Sequence[str]]] = ()) -> Path:
+                      timings: dict[str, float | None], conflicts: Sequence[Sequence[Sequence[str]]] = (),
+                      data_issues=None) -> Path:
     """report.html for one scored split, from what write_report was given and returned.
 
     `image_root` is where the run's relative image paths point (None: no thumbnails);
     `timings` maps stage names to seconds, None where unknown; `conflicts` comes from
-    `conflict_groups`: the copies training left out because they carry two labels.
+    `conflict_groups`: the copies training left out because they carry two labels;
+    `data_issues` (a DataIssues) adds label errors, near-duplicates, unfamiliar images and the map.
     """
+    from .html_data_issues import data_sections, headline_alerts
+
     labels = run.labels
     probabilities = np.asarray(probabilities, dtype=np.float64)
     truths = list(true_labels)
-    thumbs = _Thumbnails(image_root)
-    sections = [_headline(run, metrics, timings)]
+    thumbs = Thumbnails(image_root)
+    sections = [_headline(run, metrics, timings, headline_alerts(data_issues))]
     if metrics["n_labeled"]:
         matrix = np.array(metrics["confusion_matrix"])
         mistakes = _mistakes(labels, images, truths, probabilities)
@@ -87,7 +91,8 @@ def write_html_report(path: Path, *, run: Run, metrics: dict, images: Sequence[s
     if unlabeled:
         sections.append(_gallery_section("Unlabeled images", "unlabeled", unlabeled[:MAX_UNLABELED], len(unlabeled),
                                          thumbs, labels, note="scored with class “unknown”; top-3 predictions"))
-    sections += [_conflicts_section(conflicts, thumbs), _history_section(run)]
+    sections += [_conflicts_section(conflicts, thumbs), *data_sections(data_issues, labels, thumbs, image_root),
+                 _history_section(run)]
     title = f"{run.info.get('dataset', '')}: {' + '.join(describe_model(run.info))}"
     Path(path).write_text(html_page(title, "\n".join(s for s in sections if s)), encoding="utf-8")
     return Path(path)
@@ -149,7 +154,7 @@ def format_params(params: dict) -> str:
 
 # ---------------------------------------------------------------- sections
 
-def _headline(run: Run, metrics: dict, timings: dict) -> str:
+def _headline(run: Run, metrics: dict, timings: dict, alerts: Sequence[str] = ()) -> str:
     info = run.info
     scratch = bool(info.get("from_scratch"))
     features, head = describe_model(info)
@@ -176,7 +181,8 @@ def _headline(run: Run, metrics: dict, timings: dict) -> str:
               "splits, no ImageNet features. Compare it with the transfer runs to see what transfer buys.</p>"
               if scratch else "")
     return (f'<header><h1>{esc(info.get("dataset", ""))} <small>{esc(features)} → {esc(head)}</small></h1>'
-            f'{banner}<div class="badges">{badge_html}</div><table class="facts">{rows}</table></header>')
+            f'{banner}<div class="badges">{badge_html}</div>{"".join(alerts)}<table class="facts">{rows}</table>'
+            "</header>")
 
 
 def _confusion_section(labels: list[str], matrix: np.ndarray) -> str:
@@ -260,7 +266,7 @@ def _mistakes(labels: list[str], images: Sequence[str], truths: Sequence[str | N
     return sorted(wrong, key=lambda m: (index[m.truth], -m.confidence, m.image))
 
 
-def _gallery_section(title: str, css_id: str, shown: list[_Scored], total: int, thumbs: "_Thumbnails",
+def _gallery_section(title: str, css_id: str, shown: list[_Scored], total: int, thumbs: "Thumbnails",
                      labels: list[str], note: str) -> str:
     if not total:
         return ""
@@ -278,7 +284,7 @@ def _gallery_section(title: str, css_id: str, shown: list[_Scored], total: int, 
             f'<div class="gallery" id="{esc(css_id)}">{"".join(cards)}</div></section>')
 
 
-def _conflicts_section(conflicts: Sequence[Sequence[Sequence[str]]], thumbs: "_Thumbnails") -> str:
+def _conflicts_section(conflicts: Sequence[Sequence[Sequence[str]]], thumbs: "Thumbnails") -> str:
     """The same file content under two labels: a labelling problem no model can fix."""
     if not conflicts:
         return ""
@@ -399,8 +405,8 @@ def _sort_key(value) -> str:
     return str(value)
 
 
-class _Thumbnails:
-    """Small JPEG data URIs of the dataset's images, made once per path."""
+class Thumbnails:
+    """Small JPEG data URIs of the dataset's images, made once per path (shared by every gallery of a page)."""
 
     def __init__(self, root: Path | None):
         self.root = root

@@ -16,6 +16,12 @@ and the OpenVINO version; a JSON manifest beside it, written last, records that 
 and the SHA-256 of both files. An IR whose manifest is missing or disagrees, or that
 OpenVINO cannot read, is converted again after a one-line warning: a damaged file costs
 one conversion, never a crash and never wrong numbers.
+
+Its configurations join the measured choice of `execution` as paths of their own
+(`openvino-throughput`, `openvino-latency`): with `backbone.runtime = "auto"` wherever
+OpenVINO is installed and the backbone runs on a CPU, and anywhere with `"openvino"`.
+Their features equal TensorFlow's within float rounding (1e-5 relative on real MobileNet
+features), so, like graph and XLA, the runtime is not part of the cache's fingerprint.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import backbones
+from . import backbones, execution
 from .config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,12 @@ def cpu_computes_bfloat16() -> bool:
     return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@functools.cache
+def _say_bfloat16_is_float32() -> None:
+    log.warning("warning: this CPU has no bfloat16 instructions, so OpenVINO computes the bfloat16 backbone in "
+                "float32 (as precise, no faster)")
+
+
 def ir_identity(backbone: BackboneConfig) -> dict | None:
     """What the converted graph computes, and with which converter; None while ImageNet
     weights are still to be downloaded. Precision, decoding and stored dtype are not in it:
@@ -98,18 +110,25 @@ class IRFiles:
         return cls(stem.with_suffix(".xml"), stem.with_suffix(".bin"), stem.with_suffix(".json"))
 
 
-def load_or_convert(backbone: BackboneConfig, ir_dir: Path):
+def load_or_convert(backbone: BackboneConfig, ir_dir: Path | None,
+                    float32_backbone: execution.LoadedBackbone | None = None):
     """The backbone as an OpenVINO model: read from its IR when a good one is there, else
-    converted from TensorFlow and saved for the next run."""
+    converted from TensorFlow (from `float32_backbone` when given, already built) and saved
+    for the next run. Without `ir_dir` it is converted and kept in memory only."""
     identity = ir_identity(backbone)
     if identity is None:  # building the Keras model downloads the ImageNet weights
         backbones.build_model(backbone)
         identity = ir_identity(backbone)
-    files = IRFiles.for_identity(ir_dir, identity)
-    model = _read_ir(files, identity)
+    files = IRFiles.for_identity(ir_dir, identity) if ir_dir is not None else None
+    model = _read_ir(files, identity) if files is not None else None
     if model is None:
-        model = convert(backbone)
-        _save_ir(model, files, identity)
+        model = convert(backbone, float32_backbone)
+        if files is not None:
+            try:
+                _save_ir(model, files, identity)
+            except OSError as exc:  # a read-only or full cache folder costs a conversion per run, nothing else
+                log.warning("warning: could not keep the OpenVINO IR in %s (%s); it is converted again next run",
+                            files.xml.parent, exc.strerror or exc)
     return model
 
 
@@ -130,20 +149,20 @@ def _read_ir(files: IRFiles, identity: dict):
         return None
 
 
-def convert(backbone: BackboneConfig):
-    """The float32 backbone with its preprocessing, from the TensorFlow function to OpenVINO."""
+def convert(backbone: BackboneConfig, float32_backbone: execution.LoadedBackbone | None = None):
+    """The float32 backbone with its preprocessing, from TensorFlow's function to OpenVINO."""
     import openvino
 
     started = time.perf_counter()
-    model = openvino.convert_model(backbones.inference_function(
-        dataclasses.replace(backbone, precision="float32")).get_concrete_function())
+    source = float32_backbone or backbones.load_backbone(dataclasses.replace(backbone, precision="float32"))
+    model = openvino.convert_model(source.graph_function().get_concrete_function())
     log.info("converted %s to OpenVINO in %.1f s", backbone.name, time.perf_counter() - started)
     return model
 
 
 def _save_ir(model, files: IRFiles, identity: dict) -> None:
-    """Both files under temporary names, renamed into place, then the manifest: a crash
-    leaves either the old state or a complete IR, and concurrent writers never mix files."""
+    """Both files under temporary names, renamed into place, then the manifest: a crash leaves
+    no manifest or a complete IR, and if two writers interleave, the checksums refuse the mix."""
     import openvino
 
     files.xml.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +191,10 @@ class OpenVINOExtractor:
     same as in one call and only the schedule differs. LATENCY runs the batch as one request.
     """
 
-    def __init__(self, backbone: BackboneConfig, ir_dir: Path, performance_hint: PerformanceHint = "THROUGHPUT"):
+    def __init__(self, backbone: BackboneConfig, ir_dir: Path | None, performance_hint: PerformanceHint = "THROUGHPUT",
+                 *, float32_backbone: execution.LoadedBackbone | None = None):
         spec = backbones.get_spec(backbone.name)
-        model = load_or_convert(backbone, ir_dir)
+        model = load_or_convert(backbone, ir_dir, float32_backbone)
         precision = _PRECISION_HINTS[backbone.precision]
         self._compiled = _core().compile_model(model, "CPU", {"PERFORMANCE_HINT": performance_hint,
                                                               "INFERENCE_PRECISION_HINT": precision})
@@ -184,8 +204,7 @@ class OpenVINOExtractor:
         self.performance_hint = performance_hint
         self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()  # what it computes in
         if backbone.precision == "bfloat16" and not cpu_computes_bfloat16():
-            log.warning("warning: this CPU has no bfloat16 instructions, so OpenVINO computes the bfloat16 "
-                        "backbone in float32 (as precise, no faster)")
+            _say_bfloat16_is_float32()
         requests = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self._requests = [self._compiled.create_infer_request() for _ in range(max(1, requests))]
 
@@ -204,3 +223,27 @@ class OpenVINOExtractor:
         for request in requests:
             request.wait()
         return np.concatenate([np.array(request.get_output_tensor(0).data, np.float32) for request in requests])
+
+
+def usable(backbone: BackboneConfig) -> bool:
+    """Installed, and (for `auto`) the backbone runs on a CPU: with a GPU, TensorFlow's paths
+    run there and OpenVINO's CPU plugin is tried only when `backbone.runtime = "openvino"`."""
+    if not available():
+        return False
+    if backbone.runtime == "openvino":
+        return True
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")
+
+
+def _build_path(loaded: execution.LoadedBackbone, performance_hint: PerformanceHint) -> OpenVINOExtractor:
+    float32 = loaded if loaded.config.precision == "float32" else None  # bfloat16: the float32 graph is built
+    ir_dir = loaded.cache_dir / IR_FOLDER if loaded.cache_dir is not None else None
+    return OpenVINOExtractor(loaded.config, ir_dir, performance_hint, float32_backbone=float32)
+
+
+for _hint in PERFORMANCE_HINTS:
+    execution.register(execution.ExecutionPath(
+        f"openvino-{_hint.lower()}", "openvino", "", functools.partial(_build_path, performance_hint=_hint),
+        available=usable, version=lambda: f"openvino {openvino_version()}"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from . import augment, backbones, execution, images
 from .cache import FeatureCache
 from .config import BackboneConfig
+from .data_issues import novelty_for_run
 from .dataset import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetError, ImageError, PipelineError
 from .extract import _prefetch
@@ -41,6 +43,7 @@ from .pixel_models import PREDICT_BATCH, load_model, predict_pixels, whole_model
 from .report import UNKNOWN
 from .runs import Run, load_run
 
+log = logging.getLogger(__name__)
 _TABLE_ROWS = 50  # the terminal table stops here; the JSON lines hold every image
 
 
@@ -51,6 +54,7 @@ class Prediction:
     label: str | None = None  # the predicted label, or "unknown" below the threshold
     error: str | None = None
     cached: bool = False
+    novelty: float | None = None  # how unlike the training images it is (NoveltyModel); higher is stranger
 
 
 @dataclass
@@ -61,6 +65,7 @@ class PredictResult:
     out_path: Path
     threshold: float | None
     seconds: float
+    novelty_threshold: float | None = None  # set when --unfamiliar maps images past it to "unknown"
 
     def describe(self, top: int = 3) -> str:
         scored = [p for p in self.predictions if p.error is None]
@@ -73,12 +78,19 @@ class PredictResult:
             unknown = sum(p.label == UNKNOWN for p in scored)
             lines.append(f"threshold {self.threshold}: {unknown} image(s) below it are {UNKNOWN!r}"
                          + held_out_effect(self.run_dir, self.threshold))
+        if self.novelty_threshold is not None:
+            unfamiliar = sum(p.novelty is not None and p.novelty > self.novelty_threshold for p in scored)
+            lines.append(f"unfamiliar: {unfamiliar} image(s) unlike the training images (novelty above "
+                         f"{self.novelty_threshold:.4g}, calibrated on validation images) are {UNKNOWN!r}")
         lines.append(f"predictions: {self.out_path}")
         return "\n".join(lines)
 
 
 def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None = None, out_path: Path | None = None,
-                progress: bool = True, make_extractor: Callable | None = None) -> PredictResult:
+                progress: bool = True, make_extractor: Callable | None = None,
+                unfamiliar: bool = False) -> PredictResult:
+    """Score images; each gets its novelty score, and with `unfamiliar` those past the run's
+    novelty threshold (novelty.h5, as in report/data_issues.json) become "unknown"."""
     started = time.perf_counter()
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
@@ -96,15 +108,35 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
         features = _rows(run, paths, predictions, progress, size=record["input_size"], batch_size=PREDICT_BATCH,
                          compute=lambda: functools.partial(predict_pixels, load_model(run)), use_cache=False)
     scored = [p for p in predictions if p.error is None]
+    if unfamiliar and record is not None:
+        raise ConfigError(f"--unfamiliar: run {run.dir} is a whole model (pixels in), with no cached features to "
+                          "measure novelty on; fix: use a head run on cached features")
+    novelty = _novelty_model(run, required=unfamiliar) if scored and record is None else None
     if scored:
         probabilities = features if record else load_head(run.info["head"], run.dir).predict_proba(features)
-        for prediction, row in zip(scored, probabilities):
+        strangeness = novelty.scores(features) if novelty is not None else [None] * len(scored)
+        for prediction, row, score in zip(scored, probabilities, strangeness):
             best = int(row.argmax())
             below = threshold is not None and row[best] < threshold
-            prediction.probabilities, prediction.label = row, UNKNOWN if below else run.labels[best]
+            strange = unfamiliar and score > novelty.threshold
+            prediction.probabilities = row
+            prediction.novelty = None if score is None else round(float(score), 4)
+            prediction.label = UNKNOWN if below or strange else run.labels[best]
     out_path = Path(out_path) if out_path else run.dir / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     write_predictions(out_path, predictions, run.labels)
-    return PredictResult(run.dir, run.labels, predictions, out_path, threshold, time.perf_counter() - started)
+    return PredictResult(run.dir, run.labels, predictions, out_path, threshold, time.perf_counter() - started,
+                         novelty.threshold if unfamiliar and novelty is not None else None)
+
+
+def _novelty_model(run: Run, *, required: bool):
+    """The run's novelty model; without --unfamiliar a run whose model cannot be had still predicts."""
+    try:
+        return novelty_for_run(run)
+    except PipelineError as exc:
+        if required:
+            raise
+        log.warning("no novelty scores: %s", exc)
+        return None
 
 
 def run_backbone(run: Run) -> BackboneConfig:
@@ -247,7 +279,8 @@ def write_predictions(path: Path, predictions: list[Prediction], labels: list[st
             else:
                 order = np.argsort(-p.probabilities, kind="stable")
                 line = {"image": p.image, "class": p.label,
-                        "predictions": {labels[i]: round(float(p.probabilities[i]), 6) for i in order}}
+                        "predictions": {labels[i]: round(float(p.probabilities[i]), 6) for i in order},
+                        "novelty": p.novelty}
             out.write(json.dumps(line) + "\n")
 
 
@@ -255,7 +288,7 @@ def format_table(predictions: list[Prediction], labels: list[str], top: int, thr
     """Image, predicted class, then the top-k labels with their probabilities; failures with their reason."""
     shown = predictions[:_TABLE_ROWS]
     width = min(max((len(p.image) for p in shown), default=5), 48)
-    lines = [f"{'image':<{width}}  {'class':<14}  top {top}"]
+    lines = [f"{'image':<{width}}  {'class':<14}  {'novelty':>9}  top {top}"]
     for p in shown:
         name = p.image if len(p.image) <= width else "…" + p.image[-(width - 1):]
         if p.error is not None:
@@ -263,7 +296,8 @@ def format_table(predictions: list[Prediction], labels: list[str], top: int, thr
             continue
         order = np.argsort(-p.probabilities, kind="stable")[:top]
         ranked = "  ".join(f"{labels[i]} {p.probabilities[i]:.3f}" for i in order)
-        lines.append(f"{name:<{width}}  {p.label:<14}  {ranked}")
+        novelty = "–" if p.novelty is None else f"{p.novelty:.4g}"
+        lines.append(f"{name:<{width}}  {p.label:<14}  {novelty:>9}  {ranked}")
     if len(predictions) > _TABLE_ROWS:
         lines.append(f"... and {len(predictions) - _TABLE_ROWS} more (every image is in the JSON lines)")
     return "\n".join(lines)

@@ -179,4 +179,6 @@ def format_summary(metrics: dict) -> str:
         point = metrics["threshold"]
         covered = "n/a" if point["accuracy"] is None else f"{point['accuracy']:.4f}"
         lines.append(f"threshold {point['threshold']}: coverage {point['coverage']:.1%}, accuracy on covered {covered}")
+    if "data_issues" in metrics.get("context", {}):
+        lines.append(metrics["context"]["data_issues"]["summary"])
     return "\n".join([*lines, "", metrics["classification_report"].rstrip()])

@@ -75,11 +75,13 @@ def tiny_dataset(tmp_path) -> Path:
 
 
 def tiny_config(tmp_path: Path, root: Path, **overrides):
-    """A fast config: MobileNet v1 0.25 with random weights, caches and runs in tmp_path."""
+    """A fast config: MobileNet v1 0.25 with random weights, caches and runs in tmp_path, on
+    TensorFlow (so a test pays for an OpenVINO conversion only when it is about OpenVINO)."""
     from pipeline.config import load_config
 
     settings = {"data.root": str(root), "cache.dir": str(tmp_path / "cache"), "run.dir": str(tmp_path / "runs"),
                 "backbone.name": "mobilenet", "backbone.alpha": 0.25, "backbone.weights": "random",
-                "backbone.batch_size": 8, "data.val_percent": 25.0, "data.test_percent": 25.0}
+                "backbone.batch_size": 8, "backbone.runtime": "tensorflow", "data.val_percent": 25.0,
+                "data.test_percent": 25.0}
     settings.update(overrides)
     return load_config(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in settings.items()])

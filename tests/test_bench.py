@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import execution
 from pipeline.bench import BenchOptions, child_stage, format_table, run_bench, write_json
 from pipeline.extract import run_extract
 
@@ -27,7 +28,7 @@ def tiny_jpegs(tmp_path):
 
 
 def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jpegs, keras_home):
-    config = tiny_config(tmp_path, tiny_jpegs)  # MobileNet v1 0.25, batch size 8
+    config = tiny_config(tmp_path, tiny_jpegs, **{"backbone.runtime": "auto"})  # MobileNet v1 0.25, batch size 8
     options = BenchOptions(images=tiny_jpegs, batch_sizes=(4, 8), ceiling_images=8, naive_images=2,
                            memory_sizes=(12, 24), small_images=16)
     write_json(run_bench(config, options), tmp_path / "bench.json")
@@ -44,7 +45,7 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert rates["pipeline", "bfloat16"]["images"] == 12, "the pipeline extracts every image from a cold cache"
     assert set(rates["ceiling", "float32"]["batch_sizes_tried"]) == {"4", "8"}
     assert {"tensorflow-graph batch 4", "tensorflow-xla batch 8"} <= set(rates["ceiling", "float32"]["paths_tried"])
-    assert rates["pipeline", "float32"]["path"] in ("tensorflow-graph", "tensorflow-xla"), "the chosen path is recorded"
+    assert rates["pipeline", "float32"]["path"] in execution.PATHS, "the chosen path is recorded"
     for row in result["rates"]:  # each rate is what its own counts and times say
         assert row["images"] >= 2 and row["seconds"] > 0
         assert row["fraction_of_matmul"] == pytest.approx(row["gflops"] / result["matmul_gflops"])
@@ -54,13 +55,21 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert 0 < rates["pipeline", "float32"]["backbone_busy"] <= 1
     assert rates["pipeline", "float32"]["startup_s"] > 0 and rates["pipeline", "float32"]["decode_cpu_ms_per_image"] > 0
     assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu",
-                                     "ceiling_over_naive", "small_backbone_pipeline_over_ceiling"}
+                                     "ceiling_over_naive", "pipeline_over_openvino_ceiling",
+                                     "small_backbone_pipeline_over_ceiling"}
     small = {row["stage"]: row for row in result["small_backbone_rates"]}
-    assert small["pipeline"]["images"] == 12 and small["pipeline"]["path"].startswith("tensorflow-")
+    assert small["pipeline"]["images"] == 12 and small["pipeline"]["path"].split("-")[0] in ("tensorflow", "openvino")
     race = result["small_images"]
     assert race["images"] == 16 and race["ours"]["wall_s"] > 0 and race["tutorial"]["wall_s"] > 0
     assert race["ours"]["peak_rss_mib"] > 50 and race["tutorial"]["peak_rss_mib"] > 50
     assert result["logreg_fit"]["shape"] == [5000, 256, 97] and result["logreg_fit"]["val_accuracy"] > 0.5
+    # OpenVINO (in the test extra) is timed beside TensorFlow, in the ceiling and on its own table
+    assert any(name.startswith("openvino-") for name in rates["ceiling", "float32"]["paths_tried"])
+    runtimes = result["runtimes"]
+    assert {row["path"] for row in runtimes["rows"]} == {"tensorflow-graph", "tensorflow-xla", "openvino-throughput",
+                                                        "openvino-latency"}
+    assert sum(row["best"] for row in runtimes["rows"]) == 1 and runtimes["openvino_over_tensorflow"] > 0
+    assert result["ratios"]["pipeline_over_openvino_ceiling"]["bfloat16"] > 0
     flags = re.findall(r"\b(avx512_bf16|amx_bf16|bf16)\b", Path("/proc/cpuinfo").read_text())
     assert result["machine"]["cpu_native_bfloat16"] is bool(flags)
 
@@ -73,6 +82,8 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert agreement["float32"]["mean_cosine"] == pytest.approx(1.0)
     assert agreement["bfloat16"]["min_cosine"] > 0.95, "bf16 features must stay close to float32 ones"
     assert agreement["float16_storage"]["min_cosine"] > 0.9999
+    assert agreement["openvino_float32"]["min_cosine"] > 0.9999 and agreement["openvino_bfloat16"]["reference"] == "bfloat16"
+    assert agreement["openvino_float32"]["max_probability_difference"] <= 1e-4, "export parity's tolerance"
     assert agreement["float16_storage"]["bytes_per_row"] * 2 == agreement["float32"]["bytes_per_row"] == 256 * 4
     compression = result["compression"]
     assert compression["none"]["bytes"] >= 48 * 256 * 4 and compression["none"]["saved"] == 0
@@ -84,7 +95,7 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     naive_target = result["targets"]["pipeline/naive float32"]
     assert naive_target["reachable"] == pytest.approx(result["ratios"]["ceiling_over_naive"]["float32"])
     table = format_table(result)
-    assert "| pipeline | bfloat16 |" in table and "targets:" in table
+    assert "| pipeline | bfloat16 |" in table and "targets:" in table and "**best**" in table
 
 
 def test_train_with_logreg_head_does_not_import_tensorflow(tmp_path, tiny_dataset):

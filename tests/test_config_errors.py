@@ -29,7 +29,7 @@ def _classes(root, **sizes: int):
 
 CONFIG_MISTAKES = {
     "an unknown key": (["head.kindd=dense"], "unknown config key 'head.kindd'; fix: remove it or use one of: "
-                                             "head.dense, head.kind, head.logreg"),
+                                             "head.dense, head.kind, head.logreg, head.tta"),
     "a value of the wrong type": (["backbone.batch_size=many"],
                                   "backbone.batch_size = 'many' is a str, but backbone.batch_size takes an int; fix: give "
                                   "it an int value (see configs/example.toml)"),

@@ -56,6 +56,7 @@ def test_finetunes_end_to_end_from_the_newest_head_run(finetuned, capsys):
     assert info["better_than_frozen"] == (info["val_accuracy"] > info["frozen_val_accuracy"])
     assert info["params"]["unfrozen_layers"] > 0 and info["cache"] is None and info["finetune_seconds"] > 0
     assert (run_dir / "samples.jsonl").read_text() == (head_dir / "samples.jsonl").read_text()  # same splits
+    assert load_run(run_dir).config.finetune.unfreeze == 2.0  # the recipe it ran with, beside the head run's data
     history = json.loads((run_dir / "history.json").read_text())
     assert history[0]["epoch"] == 0 and 1 <= len(history) - 1 <= 2
     assert info["val_accuracy"] == history[info["params"]["best_epoch"]]["val_accuracy"]

@@ -1,15 +1,23 @@
-"""OpenVINO runtime: converted once and cached, the same features as TensorFlow, safe when damaged."""
+"""OpenVINO runtime: converted once and cached, the same features as TensorFlow, safe when
+damaged, and one more set of candidates in the measured choice of execution path."""
 
 import dataclasses
+import json
 import logging
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from pipeline import backbones, images, openvino_runtime
+from pipeline import backbones, execution, images, openvino_runtime
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.extract import run_extract
 from pipeline.heads.logreg import LogisticRegressionHead
+
+from conftest import REPO, tiny_config, write_image
 
 pytest.importorskip("openvino")  # in the test extra, so CI runs these
 
@@ -23,9 +31,9 @@ class CountingConverter:
         self.calls, self._convert = 0, openvino_runtime.convert
         monkeypatch.setattr(openvino_runtime, "convert", self)
 
-    def __call__(self, backbone):
+    def __call__(self, *args):
         self.calls += 1
-        return self._convert(backbone)
+        return self._convert(*args)
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +125,88 @@ def test_a_damaged_ir_is_converted_again_with_a_one_line_warning(real_ir, photos
     caplog.clear()
     openvino_runtime.OpenVINOExtractor(backbone, tmp_path)  # repaired: read, silently
     assert converter.calls == 1 and not caplog.records
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def with_cost(path: execution.ExecutionPath, clock: FakeClock, seconds: float) -> execution.ExecutionPath:
+    """The real path, building and computing for real, but taking `seconds` per batch on the clock."""
+
+    def build(loaded):
+        run = path.build(loaded)
+
+        def timed(batch):
+            rows = run(batch)
+            clock.now += seconds
+            return rows
+
+        return timed
+
+    return dataclasses.replace(path, build=build)
+
+
+def test_auto_chooses_among_the_runtimes_by_measured_time_and_remembers_it(tmp_path):
+    backbone = load_config(None, MOBILENET + ["backbone.weights=random", "backbone.batch_size=2"]).backbone
+    assert backbone.runtime == "auto"
+    names = [path.name for path in execution.candidates(backbone)]
+    assert names == ["tensorflow-graph", "tensorflow-xla", "openvino-throughput", "openvino-latency"]
+    costs = {"tensorflow-graph": 0.4, "tensorflow-xla": 0.5, "openvino-throughput": 0.3, "openvino-latency": 0.2}
+    clock = FakeClock()
+    loaded = backbones.load_backbone(backbone, tmp_path)
+    paths = [with_cost(path, clock, costs[path.name]) for path in execution.candidates(backbone)]
+    memory = execution.ChoiceMemory(tmp_path / execution.MEMORY_FILE_NAME)
+    chooser = execution.PathChooser(loaded, paths, memory=memory, key=execution.machine_key(loaded, paths), clock=clock)
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    rows = [chooser(pixels) for _ in range(len(paths) * execution.TRIAL_ROUNDS)]
+    assert chooser.chosen.name == "openvino-latency" and "openvino-latency 0.200 s/batch" in chooser.description
+    for other in rows[1:]:  # every path computed the same rows (random weights: tiny values, compare relatively)
+        np.testing.assert_allclose(other, rows[0], rtol=1e-4, atol=1e-4 * np.abs(rows[0]).max())
+    (record,) = json.loads(memory.path.read_text())["choices"]
+    assert record["winner"] == "openvino-latency" and set(record["seconds_per_batch"]) == set(costs)
+    assert record["key"]["paths"]["openvino-latency"].startswith("openvino 20"), "a new OpenVINO is measured again"
+    assert list(tmp_path.glob("openvino/mobilenet-*.xml")), "the IR is kept beside the cache"
+
+    again = backbones.FeatureExtractor(backbone, cache_dir=tmp_path)
+    assert "openvino-latency" in again.description and "remembered" in again.description
+    np.testing.assert_allclose(again(pixels), rows[0], rtol=1e-4, atol=1e-4 * np.abs(rows[0]).max())
+
+
+def test_the_runtime_can_be_forced_and_openvino_is_only_a_candidate_where_installed(monkeypatch):
+    def names(*settings):
+        backbone = load_config(None, MOBILENET + ["backbone.weights=random", *settings]).backbone
+        return [path.name for path in execution.candidates(backbone)]
+
+    assert names("backbone.runtime=tensorflow") == ["tensorflow-graph", "tensorflow-xla"]
+    assert names("backbone.runtime=openvino") == ["openvino-throughput", "openvino-latency"]
+    assert names("backbone.compile=xla") == ["tensorflow-xla"], "a forced TensorFlow compile leaves OpenVINO out"
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    assert names() == ["tensorflow-graph", "tensorflow-xla"]
+    with pytest.raises(ConfigError, match=r"backbone.runtime = 'openvino'.*pip install -e '\.\[openvino\]'"):
+        names("backbone.runtime=openvino")
+
+
+def test_without_openvino_chosen_nothing_imports_it(tmp_path, tiny_dataset):
+    code = ("import sys; from pipeline.extract import run_extract; from conftest import tiny_config; "
+            f"run_extract(tiny_config(__import__('pathlib').Path({str(tmp_path)!r}), "
+            f"__import__('pathlib').Path({str(tiny_dataset)!r})), progress=False); "
+            "assert 'openvino' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", check=True,
+                   env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+
+def test_extract_on_openvino_shares_the_cache_with_tensorflow(tmp_path, tiny_dataset):
+    """Same fingerprint, same file: rows from either runtime sit side by side."""
+    small_batches = {"backbone.batch_size": 2}  # 12 full batches: enough for the trial between the two hints
+    on_openvino = run_extract(tiny_config(tmp_path, tiny_dataset, **small_batches, **{"backbone.runtime": "openvino"}),
+                              progress=False)
+    assert on_openvino.execution.startswith("backbone path: openvino-") and on_openvino.extracted == 24
+    assert list((tmp_path / "cache" / "openvino").glob("mobilenet-*.xml"))
+    write_image(tiny_dataset / "cat" / "new.png", seed=999)
+    on_tensorflow = run_extract(tiny_config(tmp_path, tiny_dataset, **small_batches), progress=False)
+    assert on_tensorflow.cache_path == on_openvino.cache_path and on_tensorflow.extracted == 1

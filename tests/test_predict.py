@@ -70,7 +70,8 @@ def test_cached_images_skip_the_backbone_new_ones_are_batched_bad_ones_get_a_lin
     assert lines[names.index(str(new / "broken.jpg"))] == {"image": str(new / "broken.jpg"),
                                                           "error": by_name[str(new / "broken.jpg")].error}
     first = lines[0]
-    assert set(first) == {"image", "class", "predictions"} and first["class"] in ("cat", "dog", "owl")
+    assert set(first) == {"image", "class", "predictions", "novelty"} and first["class"] in ("cat", "dog", "owl")
+    assert isinstance(first["novelty"], float) and first["novelty"] >= 0
     assert first["class"] == max(first["predictions"], key=first["predictions"].get)
     assert list(first["predictions"].values()) == sorted(first["predictions"].values(), reverse=True)
 
@@ -115,7 +116,7 @@ def test_cli_prints_a_top_k_table_and_writes_json_lines(trained, tmp_path, capsy
     assert "top 2" in printed and "dog_0.png" in printed and "owl_7.png" in printed
     assert "predict: 9 images: 9 from the cache, 0 through the backbone, 0 failed" in printed
     row = next(line for line in printed.splitlines() if "dog_0.png" in line)  # long paths keep their end
-    assert len(row.split()) == 2 + 2 * 2  # image, class, then two (label, probability) pairs
+    assert len(row.split()) == 3 + 2 * 2  # image, class, novelty, then two (label, probability) pairs
     assert len(out.read_text().splitlines()) == 9
 
 

@@ -1,0 +1,410 @@
+"""Know your data from its cached features: likely label errors, near-duplicates and leaks across
+splits, images unlike anything trained on, and a 2-D map of it all.
+
+Everything here works on feature rows already in the cache, so it costs seconds and never
+touches the backbone. Features are compared after centring on the training mean and
+scaling to unit length: bottleneck features are non-negative averages whose raw cosines
+crowd near 1 for any two photos, and centring spreads them out (see README, "Know your
+data", for how each threshold was measured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from .config import InspectConfig
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+NOVELTY_FILE = "novelty.h5"
+ISSUES_FILE = "data_issues.json"
+
+
+@dataclass
+class LabelIssue:
+    image: str
+    given: str
+    suggested: str
+    score: float  # 1 - cleanlab's label quality: higher means the given label is less likely right
+
+
+@dataclass
+class NearDuplicate:
+    images: tuple[str, str]
+    similarity: float
+    splits: tuple[str, str]
+
+    @property
+    def crosses_splits(self) -> bool:
+        return self.splits[0] != self.splits[1]
+
+
+@dataclass
+class Unfamiliar:
+    image: str
+    score: float  # squared Mahalanobis distance to the nearest class mean (NoveltyModel)
+
+
+@dataclass
+class DataIssues:
+    label_issues: list[LabelIssue]
+    near_duplicates: list[NearDuplicate]
+    unfamiliar: list[Unfamiliar]
+    thresholds: dict
+    scored_split: str  # the split whose unfamiliar images are listed
+    projection: np.ndarray | None = None  # one 2-D point per sample, in sample order
+    novelty_scores: np.ndarray | None = None  # one per sample, in sample order
+    seconds: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)  # the run's samples the lists and arrays refer to
+
+    def leaked_images(self) -> list[str]:
+        """Images of the scored split that nearly duplicate a training image: they inflate its accuracy."""
+        found = {image for d in self.near_duplicates if set(d.splits) == {"train", self.scored_split}
+                 for image, split in zip(d.images, d.splits) if split == self.scored_split}
+        return sorted(found)
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        crossing = sum(d.crosses_splits for d in self.near_duplicates)
+        return (f"data: {len(self.label_issues)} likely label error(s); {len(self.near_duplicates)} near-duplicate "
+                f"pair(s), {crossing} across splits; {len(self.leaked_images())} {self.scored_split} image(s) nearly "
+                f"duplicate training images; {len(self.unfamiliar)} unfamiliar {self.scored_split} image(s)")
+
+    def to_json(self) -> dict:
+        """The schema of report/data_issues.json, each list ranked most likely first."""
+        return {"label_issues": [asdict(issue) for issue in self.label_issues],
+                "near_duplicates": [{"images": list(d.images), "similarity": d.similarity, "splits": list(d.splits)}
+                                    for d in self.near_duplicates],
+                "unfamiliar": [asdict(u) for u in self.unfamiliar],
+                "thresholds": self.thresholds, "scored_split": self.scored_split, "seconds": self.seconds}
+
+    def write(self, out_dir: Path) -> Path:
+        path = Path(out_dir) / ISSUES_FILE
+        path.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        return path
+
+
+# ---------------------------------------------------------------- feature space
+
+class FeatureSpace:
+    """Centre on the training mean, then unit length: cosine similarity becomes a dot product."""
+
+    def __init__(self, center: np.ndarray):
+        self.center = np.asarray(center, np.float32)
+
+    @classmethod
+    def fit(cls, train: np.ndarray) -> "FeatureSpace":
+        return cls(np.asarray(train, np.float64).mean(0))
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        centred = np.asarray(features, np.float32) - self.center
+        norms = np.linalg.norm(centred, axis=1, keepdims=True)
+        return centred / np.maximum(norms, 1e-12)
+
+
+class NeighbourIndex:
+    """Cosine k-nearest-neighbour search over unit vectors.
+
+    Exact (scikit-learn, brute force) up to `exact_up_to` rows; beyond, faiss' HNSW graph,
+    which measured fastest at equal recall of the libraries that install here
+    (tools/bench_neighbours.py; README, "Know your data").
+    """
+
+    def __init__(self, vectors: np.ndarray, exact_up_to: int):
+        self.vectors = np.ascontiguousarray(vectors, np.float32)
+        self.exact = len(self.vectors) <= exact_up_to
+        if self.exact:
+            from sklearn.neighbors import NearestNeighbors
+
+            self._index = NearestNeighbors(metric="cosine", algorithm="brute").fit(self.vectors)
+        else:
+            import faiss
+
+            self._index = faiss.IndexHNSWFlat(self.vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+            self._index.hnsw.efConstruction = 80
+            self._index.add(self.vectors)
+            self._index.hnsw.efSearch = 64
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarities, row indices) of each query's k nearest rows, nearest first."""
+        k = min(k, len(self.vectors))
+        queries = np.ascontiguousarray(queries, np.float32)
+        if self.exact:
+            distances, indices = self._index.kneighbors(queries, n_neighbors=k)
+            return 1.0 - distances, indices
+        similarities, indices = self._index.search(queries, k)
+        return similarities, indices
+
+
+# ---------------------------------------------------------------- label errors
+
+def out_of_fold_probabilities(features: np.ndarray, y: np.ndarray, n_classes: int, *, C: float, folds: int,
+                              seed: int = 0) -> np.ndarray:
+    """Each image's class probabilities from a logistic-regression head that never saw it.
+
+    The head is the logreg head with its regularisation fixed (the run's chosen C), refitted
+    on each fold's other images: probabilities honest enough for confident learning.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    probabilities = np.zeros((len(y), n_classes))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, held_rows in splitter.split(features, y):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=300))
+        # the matrices are small: one BLAS thread is faster, and on a busy machine 13x faster (measured)
+        with warnings.catch_warnings(), threadpool_limits(1):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(features[fit_rows], y[fit_rows])
+        probabilities[np.ix_(held_rows, model.classes_)] = model.predict_proba(features[held_rows])
+    return probabilities
+
+
+def find_label_issues(images: Sequence[str], y: np.ndarray, probabilities: np.ndarray,
+                      labels: Sequence[str]) -> list[LabelIssue]:
+    """Confident learning (cleanlab): images whose given label the out-of-fold probabilities reject,
+    least likely label first, each with the class the features point to."""
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    flagged = cleanlab_issues(y, probabilities, filter_by="prune_by_noise_rate", n_jobs=1)
+    quality = get_label_quality_scores(y, probabilities, method="self_confidence")
+    issues = []
+    for i in np.flatnonzero(flagged):
+        ranked = np.argsort(-probabilities[i], kind="stable")
+        suggested = ranked[0] if ranked[0] != y[i] else ranked[1]
+        issues.append(LabelIssue(images[i], labels[y[i]], labels[suggested], round(float(1 - quality[i]), 6)))
+    return sorted(issues, key=lambda issue: (-issue.score, issue.image))
+
+
+# ---------------------------------------------------------------- near-duplicates
+
+def find_near_duplicates(vectors: np.ndarray, images: Sequence[str], splits: Sequence[str], index: NeighbourIndex,
+                         threshold: float, neighbours: int = 10) -> list[NearDuplicate]:
+    """Pairs whose cosine similarity reaches `threshold`, most similar first.
+
+    Each image's nearest neighbours are enough: a near-duplicate is, by definition, among
+    the closest few (groups larger than `neighbours` lose only their most distant pairs).
+    """
+    similarities, indices = index.search(vectors, neighbours + 1)
+    pairs: dict[tuple[int, int], float] = {}
+    for i, (row_sims, row_ids) in enumerate(zip(similarities, indices)):
+        for sim, j in zip(row_sims, row_ids):
+            if j != i and j >= 0 and sim >= threshold:
+                pairs[(min(i, j), max(i, j))] = float(min(sim, 1.0))
+    found = [NearDuplicate((images[a], images[b]), round(sim, 6), (splits[a], splits[b]))
+             for (a, b), sim in pairs.items()]
+    return sorted(found, key=lambda d: (-d.similarity, d.images))
+
+
+# ---------------------------------------------------------------- novelty
+
+@dataclass
+class NoveltyModel:
+    """Per-class Mahalanobis novelty (Lee et al., 2018): the squared distance from an image to the
+    nearest class mean, under one covariance shared by the classes (Ledoit-Wolf shrinkage, so
+    it is well conditioned with fewer images than dimensions).
+
+    The threshold is the `quantile` of the validation images' scores, so about 1 - quantile of
+    images like the training data are flagged. Saved as HDF5 (means, precision matrix and
+    attributes): predict needs neither the cache nor pickle to apply it.
+    """
+
+    means: np.ndarray  # (classes, d)
+    precision: np.ndarray  # (d, d)
+    quantile: float
+    threshold: float
+
+    @classmethod
+    def fit(cls, train: np.ndarray, y: np.ndarray, val: np.ndarray, *, quantile: float) -> "NoveltyModel":
+        from sklearn.covariance import LedoitWolf
+
+        train = np.asarray(train, np.float64)
+        present = np.unique(y)
+        means = np.zeros((int(y.max()) + 1, train.shape[1]))
+        for c in present:
+            means[c] = train[y == c].mean(0)
+        precision = LedoitWolf(assume_centered=True).fit(train - means[y]).precision_
+        model = cls(means[present], precision, quantile, 0.0)
+        model.threshold = float(np.quantile(model.scores(val), quantile))
+        return model
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class mean; higher is less familiar."""
+        features = np.asarray(features, np.float64)
+        if not len(features):
+            return np.zeros(0)
+        # |x - m|^2_P = x'Px - 2 m'Px + m'Pm, for all classes at once
+        projected = features @ self.precision
+        own = np.einsum("ij,ij->i", projected, features)
+        means_term = np.einsum("cj,jk,ck->c", self.means, self.precision, self.means)
+        distances = own[:, None] - 2 * projected @ self.means.T + means_term[None, :]
+        return np.maximum(distances.min(1), 0.0)
+
+    def save(self, path: Path) -> None:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("means", data=self.means)
+            f.create_dataset("precision", data=self.precision)
+            f.attrs.update(method="mahalanobis_shared_ledoit_wolf", quantile=self.quantile, threshold=self.threshold)
+
+    @classmethod
+    def load(cls, path: Path) -> "NoveltyModel":
+        with h5py.File(path, "r") as f:
+            return cls(f["means"][...], f["precision"][...], float(f.attrs["quantile"]), float(f.attrs["threshold"]))
+
+
+# ---------------------------------------------------------------- map
+
+def project_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """t-SNE (scikit-learn, Barnes-Hut) of the centred unit vectors after PCA to 50 dimensions,
+    scaled to [0, 1]. Chosen over UMAP (numba compiles it on first use: minutes on a busy 2-core
+    machine) and plain PCA (classes overlap); see README, "Know your data"."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    n = len(vectors)
+    if n < 5:
+        return np.full((n, 2), 0.5)
+    reduced = PCA(min(50, n - 1, vectors.shape[1]), random_state=seed).fit_transform(vectors)
+    with threadpool_limits(1):  # measured faster than two threads on a shared 2-core machine
+        points = TSNE(2, perplexity=min(30.0, (n - 1) / 3), init="pca", max_iter=500,
+                      random_state=seed).fit_transform(reduced)
+    points = points - points.min(0)
+    return points / np.maximum(points.max(0), 1e-12)
+
+
+# ---------------------------------------------------------------- the whole analysis
+
+def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequence[str], *,
+                     settings: InspectConfig, C: float, scored_split: str, project: bool = True,
+                     novelty: NoveltyModel | None = None) -> tuple[DataIssues, NoveltyModel]:
+    """The whole analysis on one feature row per sample (sample order), from cached features only.
+
+    `novelty` reuses a saved model (its threshold); otherwise one is fitted on train and
+    calibrated on val.
+    """
+    import time
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    images = [s["image"] for s in samples]
+    splits = [s["split"] for s in samples]
+    class_of = {label: i for i, label in enumerate(labels)}
+    train_rows = np.array([i for i, s in enumerate(samples) if s["split"] == "train" and s["label"] is not None])
+    val_rows = np.array([i for i, s in enumerate(samples) if s["split"] == "val" and s["label"] is not None])
+    if not len(train_rows) or not len(val_rows):
+        raise PipelineError("data inspection needs labeled train and val images in the run")
+
+    # 1. label errors on train + val, from out-of-fold probabilities
+    known = np.concatenate([train_rows, val_rows])
+    y = np.array([class_of[samples[i]["label"]] for i in known])
+    smallest = np.bincount(y, minlength=len(labels))[np.unique(y)].min()
+    folds = int(min(settings.folds, smallest))
+    label_issues: list[LabelIssue] = []
+    if folds >= 2:
+        probabilities = out_of_fold_probabilities(features[known], y, len(labels), C=C, folds=folds)
+        label_issues = find_label_issues([images[i] for i in known], y, probabilities, labels)
+    else:
+        log.warning("a class has a single train+val image: no cross-validated label check")
+    timings["label_issues"] = time.perf_counter() - started
+
+    # 2. near-duplicates over every sample
+    started = time.perf_counter()
+    space = FeatureSpace.fit(features[train_rows])
+    vectors = space.transform(features)
+    index = NeighbourIndex(vectors, settings.exact_search_up_to)
+    duplicates = find_near_duplicates(vectors, images, splits, index, settings.duplicate_similarity)
+    timings["near_duplicates"] = time.perf_counter() - started
+
+    # 3. novelty of every sample, the threshold calibrated on validation images
+    started = time.perf_counter()
+    if novelty is None:
+        novelty = NoveltyModel.fit(features[train_rows], y[:len(train_rows)], features[val_rows],
+                                   quantile=settings.unfamiliar_quantile)
+    scores = novelty.scores(features)
+    chosen = [i for i, s in enumerate(samples) if s["split"] == scored_split or s["label"] is None]
+    unfamiliar = sorted((Unfamiliar(images[i], round(float(scores[i]), 4)) for i in chosen
+                         if scores[i] > novelty.threshold), key=lambda u: (-u.score, u.image))
+    timings["unfamiliar"] = time.perf_counter() - started
+
+    # 4. the map
+    projection = None
+    if project:
+        started = time.perf_counter()
+        shown = _map_rows(len(samples), settings.map_points, settings.seed)
+        projection = np.full((len(samples), 2), np.nan)
+        projection[shown] = project_2d(vectors[shown], settings.seed)
+        timings["map"] = time.perf_counter() - started
+
+    thresholds = {"duplicate_similarity": settings.duplicate_similarity,
+                  "unfamiliar": {"method": "squared Mahalanobis distance to the nearest class mean (shared "
+                                           "Ledoit-Wolf covariance)", "quantile_of_val": novelty.quantile,
+                                 "threshold": novelty.threshold},
+                  "label_issues": {"method": "cleanlab confident learning (prune_by_noise_rate) on out-of-fold "
+                                             "logistic-regression probabilities", "folds": folds, "C": C},
+                  "search": "exact (scikit-learn)" if index.exact else "faiss HNSW"}
+    issues = DataIssues(label_issues, duplicates, unfamiliar, thresholds, scored_split, projection, scores,
+                        {k: round(v, 3) for k, v in timings.items()}, list(samples))
+    return issues, novelty
+
+
+def _map_rows(n: int, limit: int, seed: int) -> np.ndarray:
+    """Every row up to `limit`; beyond it a fixed random sample, so the map stays readable and fast."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
+    """The analysis for a trained run from its cache (every sample's row), its novelty model saved
+    beside the head as novelty.h5."""
+    from .cache import FeatureCache
+
+    samples = run.samples
+    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+        rows = cache.row_index()
+        present = [s for s in samples if s["key"] in rows]
+        features = cache.read_features([rows[s["key"]] for s in present])
+    C = float(run.info.get("params", {}).get("C", 1.0))  # the logreg head's choice; 1.0 for other heads
+    issues, novelty = inspect_features(features, present, run.labels, settings=run.config.inspect, C=C,
+                                       scored_split=scored_split, project=project)
+    novelty.save(run.dir / NOVELTY_FILE)
+    return issues
+
+
+def novelty_for_run(run) -> NoveltyModel:
+    """The run's saved novelty model (written by the report), or one fitted now from its cached train
+    and val features and saved, so predict and report always agree on the threshold."""
+    from .cache import FeatureCache
+
+    path = run.dir / NOVELTY_FILE
+    if path.is_file():
+        return NoveltyModel.load(path)
+    class_of = {label: i for i, label in enumerate(run.labels)}
+    chosen = {split: [s for s in run.samples if s["split"] == split and s["label"] is not None]
+              for split in ("train", "val")}
+    try:
+        with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+            rows = cache.row_index()
+            features = {split: cache.read_features([rows[s["key"]] for s in group]) for split, group in chosen.items()}
+    except (KeyError, OSError) as exc:
+        raise PipelineError(f"run {run.dir}: the novelty threshold needs the run's cached training features, and "
+                            f"they cannot be read ({exc}); fix: run `make extract` and `make train` again") from None
+    y = np.array([class_of[s["label"]] for s in chosen["train"]])
+    model = NoveltyModel.fit(features["train"], y, features["val"], quantile=run.config.inspect.unfamiliar_quantile)
+    model.save(path)
+    return model
