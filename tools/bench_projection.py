@@ -47,7 +47,11 @@ def main():
     print(f"N={n}, dim={x.shape[1]}, 100 groups")
     for name, project in (("PCA", pca), ("UMAP", umap_), ("t-SNE", tsne)):
         started = time.perf_counter()
-        points = project(x)
+        try:
+            points = project(x)
+        except ImportError as exc:  # umap-learn is not a dependency: install it to include it
+            print(f"{name:6s} not installed ({exc})")
+            continue
         seconds = time.perf_counter() - started
         trust = trustworthiness(x[sample], points[sample], n_neighbors=10)
         knn = cross_val_score(KNeighborsClassifier(5), points, y, cv=3).mean()
