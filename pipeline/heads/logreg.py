@@ -91,19 +91,19 @@ class LogisticRegressionHead:
             model = LogisticRegression(max_iter=self.config.max_iter, tol=self.config.tol, warm_start=True)
             fitted = []
             for c in chain:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
-                    warnings.simplefilter("ignore", UserWarning)  # log_loss clipping near-certain probabilities
-                    model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
-                    proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
-                    score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
+                model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
+                proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
+                proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
+                score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
                 fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
                                model.classes_.copy()))
             return fitted
 
         jobs = [(number, chain) for number in range(len(problems)) for chain in chains]
         workers = min(len(jobs), usable_cores())
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        # warning filters are process-wide, so they are set here, around every thread, not inside one
+        with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
             fitted = sorted((fit for chain in pool.map(fit_chain, jobs) for fit in chain), key=lambda fit: fit[:2])
         self.history_ = [{"C": c, "normalization": problems[number][0], "view_weight": problems[number][1],
                           "val_accuracy": score[0], "val_log_loss": -score[1]} for number, c, score, *_ in fitted]
