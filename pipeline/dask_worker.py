@@ -16,6 +16,7 @@ from distributed import WorkerPlugin, get_worker
 from . import backbones
 from .config import Config
 from .errors import PipelineError
+from .execution import set_tensorflow_threads
 from .shards import KnownKeys, Shard, ShardResult, run_shard
 
 PLUGIN_NAME = "bottleneck-pipeline-extractor"
@@ -48,10 +49,7 @@ class ExtractorPlugin(WorkerPlugin):
     def get_extractor(self):
         if self.extractor is None:
             self._check_weights()
-            import tensorflow as tf
-
-            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, self.threads))
+            set_tensorflow_threads(intra_op=self.threads, inter_op=min(2, self.threads))
             self.extractor = backbones.FeatureExtractor(self.config.backbone, cache_dir=self.config.cache.dir)
             self.builds += 1
         return self.extractor

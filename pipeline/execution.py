@@ -177,14 +177,20 @@ def use_usable_cores_in_tensorflow() -> None:
     inter-op thread instead of two changed the wall time by a median 0.98x (0.83-1.04x) and
     the peak memory by -9%, so both stay at the core count, which TensorFlow's defaults also
     use on Linux; stating it keeps a container's share, not the host's cores, on every platform."""
+    cores = usable_cores()
+    set_tensorflow_threads(intra_op=cores, inter_op=cores)
+
+
+def set_tensorflow_threads(*, intra_op: int, inter_op: int) -> None:
+    """Only before TensorFlow's runtime starts; in a process that already ran a model (a notebook,
+    a Dask worker serving its second extract) the runtime keeps the threads it started with."""
     import tensorflow as tf
 
-    cores = usable_cores()
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(cores)
-        tf.config.threading.set_inter_op_parallelism_threads(cores)
-    except RuntimeError:  # the runtime already started in this process (an earlier model)
-        pass
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        log.debug("TensorFlow's runtime already started: it keeps its op threads")
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
