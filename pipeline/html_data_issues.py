@@ -51,23 +51,27 @@ def data_sections(issues: DataIssues | None, labels: Sequence[str], thumbs: Thum
             _unfamiliar_section(issues, thumbs), _map_section(issues, labels, image_root)]
 
 
+def _gallery_section(title: str, counts: str, note: str, gallery_id: str, cards: Sequence[str], total: int,
+                     shown: int, order: str = "") -> str:
+    """One data-issue section: its heading and note, then its cards, saying when only the first are shown."""
+    more = f" Showing {shown} of {total}{order}." if total > shown else ""
+    gallery = f'<div class="gallery" id="{gallery_id}">{"".join(cards)}</div>' if cards else ""
+    return f'<section><h2>{title} <small>{counts}</small></h2><p class="note">{esc(note)}{more}</p>{gallery}</section>'
+
+
 def _label_issues_section(issues: DataIssues, thumbs: Thumbnails) -> str:
     found = issues.label_issues
     method = issues.thresholds["label_issues"]
     note = (f"Train and validation images whose given label the features disagree with: confident learning (cleanlab) on "
             f"{method['folds']}-fold out-of-fold probabilities of a logistic-regression head, least likely label "
             "first. Check each photo and fix its folder; train again (nothing is re-extracted).")
-    if not found:
-        return f'<section><h2>Likely label errors <small>0</small></h2><p class="note">{esc(note)}</p></section>'
-    cards = "".join(
-        f'<figure class="card">{thumbs.tag(issue.image)}<figcaption>'
-        f'<div>given: <s>{esc(issue.given)}</s></div><div>suggested: <b>{esc(issue.suggested)}</b></div>'
-        f'<div class="muted">score {issue.score:.3f}</div>'
-        f'<div class="path" title="{esc(issue.image)}">{esc(issue.image)}</div></figcaption></figure>'
-        for issue in found[:MAX_LABEL_ISSUES])
-    more = f" Showing {MAX_LABEL_ISSUES} of {len(found)}." if len(found) > MAX_LABEL_ISSUES else ""
-    return (f'<section><h2>Likely label errors <small>{len(found)}</small></h2><p class="note">{esc(note)}{more}</p>'
-            f'<div class="gallery" id="label-issues">{cards}</div></section>')
+    cards = [f'<figure class="card">{thumbs.tag(issue.image)}<figcaption>'
+             f'<div>given: <s>{esc(issue.given)}</s></div><div>suggested: <b>{esc(issue.suggested)}</b></div>'
+             f'<div class="muted">score {issue.score:.3f}</div>'
+             f'<div class="path" title="{esc(issue.image)}">{esc(issue.image)}</div></figcaption></figure>'
+             for issue in found[:MAX_LABEL_ISSUES]]
+    return _gallery_section("Likely label errors", str(len(found)), note, "label-issues", cards, len(found),
+                            MAX_LABEL_ISSUES)
 
 
 def _duplicates_section(issues: DataIssues, thumbs: Thumbnails) -> str:
@@ -77,8 +81,6 @@ def _duplicates_section(issues: DataIssues, thumbs: Thumbnails) -> str:
             "re-encoded or lightly cropped copies, and burst shots of one scene), most similar first. A pair across "
             "splits (marked) lets the model be scored on what it trained on; a pair within one split weighs one "
             "photo twice.")
-    if not pairs:
-        return f'<section><h2>Near-duplicates <small>0</small></h2><p class="note">{esc(note)}</p></section>'
     ordered = sorted(pairs, key=lambda d: (not d.crosses_splits, -d.similarity))[:MAX_DUPLICATES]
     cards = []
     for pair in ordered:
@@ -88,11 +90,9 @@ def _duplicates_section(issues: DataIssues, thumbs: Thumbnails) -> str:
         badge = '<b class="bad">across splits</b> · ' if pair.crosses_splits else ""
         cards.append(f'<figure class="{css}"><div class="pair">{thumbs.tag(pair.images[0])}{thumbs.tag(pair.images[1])}'
                      f'</div><figcaption>{badge}similarity {pair.similarity:.3f}<ul>{names}</ul></figcaption></figure>')
-    crossing = sum(d.crosses_splits for d in pairs)
-    more = f" Showing {MAX_DUPLICATES} of {len(pairs)}, pairs across splits first." if len(pairs) > MAX_DUPLICATES else ""
-    return (f'<section><h2>Near-duplicates <small>{len(pairs)}, {crossing} across splits</small></h2>'
-            f'<p class="note">{esc(note)}{more}</p><div class="gallery" id="near-duplicates">{"".join(cards)}</div>'
-            "</section>")
+    counts = f"{len(pairs)}, {sum(d.crosses_splits for d in pairs)} across splits" if pairs else "0"
+    return _gallery_section("Near-duplicates", counts, note, "near-duplicates", cards, len(pairs), MAX_DUPLICATES,
+                            ", pairs across splits first")
 
 
 def _unfamiliar_section(issues: DataIssues, thumbs: Thumbnails) -> str:
@@ -101,15 +101,10 @@ def _unfamiliar_section(issues: DataIssues, thumbs: Thumbnails) -> str:
     note = (f"{issues.scored_split} images unlike the training data: {method['method']} above {method['threshold']:.4g}, "
             f"the {method['quantile_of_val']:.0%} quantile of the validation images' scores. `predict --unfamiliar` "
             "calls such images “unknown”. Most unlike first.")
-    if not found:
-        return f'<section><h2>Unfamiliar images <small>0</small></h2><p class="note">{esc(note)}</p></section>'
-    cards = "".join(
-        f'<figure class="card">{thumbs.tag(item.image)}<figcaption><div class="muted">score {item.score:.4g}</div>'
-        f'<div class="path" title="{esc(item.image)}">{esc(item.image)}</div></figcaption></figure>'
-        for item in found[:MAX_UNFAMILIAR])
-    more = f" Showing {MAX_UNFAMILIAR} of {len(found)}." if len(found) > MAX_UNFAMILIAR else ""
-    return (f'<section><h2>Unfamiliar images <small>{len(found)}</small></h2><p class="note">{esc(note)}{more}</p>'
-            f'<div class="gallery" id="unfamiliar">{cards}</div></section>')
+    cards = [f'<figure class="card">{thumbs.tag(item.image)}<figcaption><div class="muted">score {item.score:.4g}</div>'
+             f'<div class="path" title="{esc(item.image)}">{esc(item.image)}</div></figcaption></figure>'
+             for item in found[:MAX_UNFAMILIAR]]
+    return _gallery_section("Unfamiliar images", str(len(found)), note, "unfamiliar", cards, len(found), MAX_UNFAMILIAR)
 
 
 def class_colours(n: int) -> list[str]:
