@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import backbones
+from pipeline import backbones, journal
 
 from conftest import write_image
 
@@ -150,3 +150,21 @@ def permissions_enforced():
         patch.setattr(Path, "read_bytes", checked_read_bytes)
         patch.setattr(os, "scandir", checked_scandir)
         yield
+
+
+def snapshot_around_writes(monkeypatch, snapshot, journal_methods=()) -> None:
+    """Call `snapshot` before and after every write the journal makes (and each named
+    `JournaledFile` method): each state it sees is one that a kill -9 could leave."""
+
+    def around(function):
+        def wrapped(*args, **kwargs):
+            snapshot()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                snapshot()
+        return wrapped
+
+    monkeypatch.setattr(journal, "_write_all", around(journal._write_all))
+    for name in journal_methods:
+        monkeypatch.setattr(journal.JournaledFile, name, around(getattr(journal.JournaledFile, name)))

@@ -32,7 +32,7 @@ from pipeline.extract import run_extract
 from pipeline.features import open_cache
 
 from conftest import REPO, TRIAL_SEED, tiny_config, write_image
-from pipeline_helpers import KeptExtractor, class_folders, cli_args, wait_for
+from pipeline_helpers import KeptExtractor, class_folders, cli_args, snapshot_around_writes, wait_for
 
 FP = {"backbone": "test", "weights": "synthetic"}
 DIM = 16
@@ -112,18 +112,7 @@ def test_a_crash_at_any_write_leaves_the_cache_as_after_a_complete_commit(tmp_pa
         if not crash_states or crash_states[-1] != state:
             crash_states.append(state)
 
-    def around(function):
-        def wrapped(*args, **kwargs):
-            snapshot()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                snapshot()
-        return wrapped
-
-    monkeypatch.setattr(journal, "_write_all", around(journal._write_all))
-    for name in ("truncate", "begin", "end"):
-        monkeypatch.setattr(journal.JournaledFile, name, around(getattr(journal.JournaledFile, name)))
+    snapshot_around_writes(monkeypatch, snapshot, journal_methods=("truncate", "begin", "end"))
     committed = _write_session(path, record=True)
     monkeypatch.undo()
     assert len(crash_states) > 100

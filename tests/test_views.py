@@ -20,7 +20,7 @@ from pipeline.features import open_cache
 from pipeline.train import run_train
 
 from conftest import tiny_config
-from pipeline_helpers import KeptExtractor
+from pipeline_helpers import KeptExtractor, snapshot_around_writes
 
 RECIPE_ID = augment.RECIPE.fingerprint_id()
 
@@ -139,16 +139,7 @@ def test_a_crash_during_views_resumes_like_clean_rows(tmp_path, tiny_dataset, mo
             if not states or states[-1][1:] != state[1:]:
                 states.append(state)
 
-    def around(function):
-        def wrapped(*args, **kwargs):
-            snapshot()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                snapshot()
-        return wrapped
-
-    monkeypatch.setattr(journal, "_write_all", around(journal._write_all))
+    snapshot_around_writes(monkeypatch, snapshot)
     run_extract(config, progress=False, make_extractor=KeptExtractor)
     monkeypatch.undo()
     half_way = [state for state in states if state[2] is not None]  # a journal exists: mid-commit
