@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import keras
@@ -220,13 +221,7 @@ def test_dense_head_exports_with_the_same_numbers(flowers_run, capsys):
     assert "parity: on 13 held-out images" in printed and "not written (--no-tflite)" in printed
     parity = json.loads((dense_run / "export" / "export.json").read_text())["parity"]
     assert parity["max_abs_diff"] <= PARITY_TOLERANCE  # the SavedModel, fed the files' bytes, against the report
-    val = sorted((root / "val").rglob("*.*"))
-    model = keras.saving.load_model(dense_run / "export" / "model.keras", safe_mode=True)
-    by_keras = model.predict(np.stack([images.decode_image(p.read_bytes(), 224) for p in val]).astype(np.float32),
-                             verbose=0)
-    by_predict = [p.probabilities for p in run_predict(dense_run, [str(p) for p in val], progress=False,
-                                                       out_path=dense_run / "p.jsonl").predictions]
-    np.testing.assert_allclose(by_keras, by_predict, rtol=0, atol=PARITY_TOLERANCE)
+    assert_exported_keras_agrees_with_predict(dense_run, root)
 
 
 def test_flip_tta_and_sqrt_normalisation_export_with_the_same_numbers(flowers_run, capsys):
@@ -241,13 +236,7 @@ def test_flip_tta_and_sqrt_normalisation_export_with_the_same_numbers(flowers_ru
     assert main(["export", "--run", str(tta_run), "--no-tflite"]) == 0
     parity = json.loads((tta_run / "export" / "export.json").read_text())["parity"]
     assert parity["max_abs_diff"] <= PARITY_TOLERANCE
-    val = sorted((root / "val").rglob("*.*"))
-    model = keras.saving.load_model(tta_run / "export" / "model.keras", safe_mode=True)
-    by_keras = model.predict(np.stack([images.decode_image(p.read_bytes(), 224) for p in val]).astype(np.float32),
-                             verbose=0)
-    by_predict = [p.probabilities for p in run_predict(tta_run, [str(p) for p in val], progress=False,
-                                                       out_path=tta_run / "p.jsonl").predictions]
-    np.testing.assert_allclose(by_keras, by_predict, rtol=0, atol=PARITY_TOLERANCE)
+    assert_exported_keras_agrees_with_predict(tta_run, root)
 
 
 def test_tflite_is_skipped_with_a_clear_message_when_the_converter_fails(flowers_run, tmp_path, monkeypatch):
@@ -326,3 +315,14 @@ def test_an_export_that_disagrees_with_its_report_is_refused(flowers_run, tmp_pa
     assert f"do not ship {copy / 'export'}: please report this with export.json" in line
     parity = json.loads((copy / "export" / "export.json").read_text())["parity"]
     assert parity["max_abs_diff"] > PARITY_TOLERANCE
+
+
+def assert_exported_keras_agrees_with_predict(run_dir: Path, root: Path) -> None:
+    """The exported .keras file on the decoded validation photos gives what `predict` gives on their files."""
+    val = sorted((root / "val").rglob("*.*"))
+    model = keras.saving.load_model(run_dir / "export" / "model.keras", safe_mode=True)
+    by_keras = model.predict(np.stack([images.decode_image(p.read_bytes(), 224) for p in val]).astype(np.float32),
+                             verbose=0)
+    by_predict = [p.probabilities for p in run_predict(run_dir, [str(p) for p in val], progress=False,
+                                                       out_path=run_dir / "p.jsonl").predictions]
+    np.testing.assert_allclose(by_keras, by_predict, rtol=0, atol=PARITY_TOLERANCE)
