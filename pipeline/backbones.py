@@ -12,8 +12,8 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +22,8 @@ import numpy as np
 from . import execution, images
 from .config import BackboneConfig, Config
 from .errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,10 +192,8 @@ def with_random_weights(config: Config) -> Config:
 
 def warn_random_weights(reason: str) -> None:
     """Loud on purpose: numbers from random weights must never be mistaken for results."""
-    print("\n" + "!" * 78, file=sys.stderr)
-    print(f"WARNING: {reason}", file=sys.stderr)
-    print("WARNING: the demo goes on with RANDOM weights: its accuracy will be MEANINGLESS.", file=sys.stderr)
-    print("!" * 78 + "\n", file=sys.stderr)
+    log.warning("\n%s\nWARNING: %s\nWARNING: the demo goes on with RANDOM weights: its accuracy will be "
+                "MEANINGLESS.\n%s\n", "!" * 78, reason, "!" * 78)
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
@@ -211,9 +211,8 @@ def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | Non
 @functools.cache
 def _warn_if_bfloat16_is_emulated() -> None:
     if cpu_has_native_bfloat16() is False:
-        print('warning: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), so backbone.precision = '
-              '"bfloat16" runs slower than float32 here, not faster; fix: set backbone.precision = "float32"',
-              file=sys.stderr)
+        log.warning('warning: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), so backbone.precision = '
+                    '"bfloat16" runs slower than float32 here, not faster; fix: set backbone.precision = "float32"')
 
 
 def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "execution.LoadedBackbone":

@@ -36,7 +36,6 @@ from .config import BackboneConfig
 from .data_issues import novelty_for_run
 from .dataset import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetError, ImageError, PipelineError
-from .extract import _prefetch
 from .features import scoring_features
 from .heads import load_head
 from .pixel_models import PREDICT_BATCH, load_model, predict_pixels, whole_model
@@ -246,7 +245,7 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
                file=sys.stderr)
     try:
         with ThreadPoolExecutor(execution.usable_cores(), thread_name_prefix="decode") as pool:
-            for prediction, item in zip(predictions, _prefetch(pool, load, paths, depth=4 * batch_size)):
+            for prediction, item in zip(predictions, images.prefetch(pool, load, paths, depth=4 * batch_size)):
                 bar.update()
                 if item.error is not None:
                     prediction.error = item.error
