@@ -4,7 +4,6 @@ Parity runs on real flowers5 photos with real MobileNet v1 0.25 ImageNet weights
 a PNG with transparency, a grayscale JPEG and a large JPEG that the decoder scales down.
 """
 
-import importlib
 import json
 import os
 import shutil
@@ -262,7 +261,7 @@ def _distinct_preprocessing() -> list[str]:
     ramp = np.stack([np.arange(256), np.arange(256)[::-1], np.arange(256) * 7 % 256], -1).astype(np.float32)
     first = {}
     for name, spec in backbones.REGISTRY.items():
-        preprocessed = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input(ramp.copy())
+        preprocessed = spec.preprocess_input()(ramp.copy())
         first.setdefault((np.asarray(preprocessed).round(4).tobytes(), spec.input_size), name)
     return sorted(first.values())
 
