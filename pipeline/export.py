@@ -145,6 +145,7 @@ def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str =
         if head.normalization_ in ("l2", "sqrt"):
             x = keras.layers.UnitNormalization(name="l2_normalise")(x)
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
+        # (never under keras.config.epsilon(), which the layer divides by at least: the head floors it there)
         scale = head.scale_.astype(np.float32)
         x = keras.layers.Normalization(mean=head.mean_, variance=scale * scale, name="standardise")(x)
         dense = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")
