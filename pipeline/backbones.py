@@ -12,10 +12,11 @@ import functools
 import hashlib
 import importlib
 import importlib.metadata
+import logging
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -23,46 +24,61 @@ from . import execution, images
 from .config import BackboneConfig, Config
 from .errors import ConfigError, PipelineError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """Everything about one keras.applications backbone. A new backbone is one record in
+    REGISTRY below (and its tests): config, fingerprints, extract, export and classify read it."""
     name: str
     constructor: str  # attribute of keras.applications
     module: str  # keras.applications submodule whose preprocess_input belongs to the model
     input_size: int
+    feature_dim: int  # length of the pooled last block's features (at alpha 1.0)
+    # what preprocess_input does, rebuilt from stock layers by export: "tf" scales to -1..1, "caffe" is BGR
+    # minus ImageNet's mean, "none" when the model preprocesses inside (never applied twice)
+    preprocessing: Literal["tf", "caffe", "none"]
+    weights_file: Callable[[float], str]  # alpha -> the file Keras downloads for weights="imagenet", no top
     block_end: str  # regex matching the last layer of each block, for `finetune.unfreeze` counted in blocks
     has_alpha: bool = False
     blocks: tuple[str, ...] = ()  # layers ending the last blocks, last first: what backbone.pool_blocks pools
 
     def weights_file_name(self, alpha: float) -> str:
         """The file Keras downloads for `weights="imagenet"` without the top."""
-        size = self.input_size
-        if self.name == "mobilenet":
-            return f"mobilenet_{_MOBILENET_ALPHA_TEXT.get(alpha, alpha)}_{size}_tf_no_top.h5"
-        if self.name == "mobilenet_v2":
-            return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{size}_no_top.h5"
-        return _NO_TOP_FILES[self.name]
+        return self.weights_file(alpha)
+
+    @property
+    def preprocessing_id(self) -> str:
+        """Names the preprocessing in fingerprints."""
+        return f"keras.applications.{self.module}.preprocess_input"
+
+    def preprocess_input(self) -> Callable:
+        """Keras' own preprocess_input for this model: the one place it is looked up."""
+        return importlib.import_module(f"keras.applications.{self.module}").preprocess_input
 
 
 _MOBILENET_ALPHA_TEXT = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
-_NO_TOP_FILES = {
-    "inception_v3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    "efficientnet_b0": "efficientnetb0_notop.h5",
-}
 
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", 299, r"mixed\d+", blocks=("mixed10", "mixed9")),
-        BackboneSpec("mobilenet", "MobileNet", "mobilenet", 224, r"conv_pw_\d+_relu", has_alpha=True,
-                     blocks=("conv_pw_13_relu", "conv_pw_12_relu")),
-        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, r"block_\d+_project_BN", has_alpha=True,
-                     blocks=("out_relu", "block_16_project_BN")),
-        BackboneSpec("resnet50", "ResNet50", "resnet50", 224, r"conv\d_block\d+_out",
-                     blocks=("conv5_block3_out", "conv5_block2_out")),
-        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, r"block\d[a-z]_project_bn",
-                     blocks=("top_activation", "block7a_project_bn")),
+        BackboneSpec("inception_v3", "InceptionV3", "inception_v3", input_size=299, feature_dim=2048,
+                     preprocessing="tf", block_end=r"mixed\d+", blocks=("mixed10", "mixed9"),
+                     weights_file=lambda alpha: "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        BackboneSpec("mobilenet", "MobileNet", "mobilenet", input_size=224, feature_dim=1024, preprocessing="tf",
+                     block_end=r"conv_pw_\d+_relu", has_alpha=True, blocks=("conv_pw_13_relu", "conv_pw_12_relu"),
+                     weights_file=lambda alpha: f"mobilenet_{_MOBILENET_ALPHA_TEXT.get(alpha, alpha)}_224_tf_no_top.h5"),
+        BackboneSpec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", input_size=224, feature_dim=1280,
+                     preprocessing="tf", block_end=r"block_\d+_project_BN", has_alpha=True,
+                     blocks=("out_relu", "block_16_project_BN"),
+                     weights_file=lambda alpha: f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"),
+        BackboneSpec("resnet50", "ResNet50", "resnet50", input_size=224, feature_dim=2048, preprocessing="caffe",
+                     block_end=r"conv\d_block\d+_out", blocks=("conv5_block3_out", "conv5_block2_out"),
+                     weights_file=lambda alpha: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", input_size=224, feature_dim=1280,
+                     preprocessing="none", block_end=r"block\d[a-z]_project_bn",
+                     blocks=("top_activation", "block7a_project_bn"), weights_file=lambda alpha: "efficientnetb0_notop.h5"),
     )
 }
 
@@ -110,7 +126,7 @@ def fingerprint(config: Config) -> dict | None:
         "weights": identity,
         "input_size": spec.input_size,
         "decode": images.DECODE_ID,
-        "preprocessing": f"keras.applications.{spec.module}.preprocess_input",
+        "preprocessing": spec.preprocessing_id,
         "precision": backbone.precision,
         "feature_dtype": config.cache.dtype,
     }
@@ -190,10 +206,8 @@ def with_random_weights(config: Config) -> Config:
 
 def warn_random_weights(reason: str) -> None:
     """Loud on purpose: numbers from random weights must never be mistaken for results."""
-    print("\n" + "!" * 78, file=sys.stderr)
-    print(f"WARNING: {reason}", file=sys.stderr)
-    print("WARNING: the demo goes on with RANDOM weights: its accuracy will be MEANINGLESS.", file=sys.stderr)
-    print("!" * 78 + "\n", file=sys.stderr)
+    log.warning("\n%s\nWARNING: %s\nWARNING: the demo goes on with RANDOM weights: its accuracy will be "
+                "MEANINGLESS.\n%s\n", "!" * 78, reason, "!" * 78)
 
 
 def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
@@ -211,17 +225,15 @@ def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | Non
 @functools.cache
 def _warn_if_bfloat16_is_emulated() -> None:
     if cpu_has_native_bfloat16() is False:
-        print('warning: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), so backbone.precision = '
-              '"bfloat16" runs slower than float32 here, not faster; fix: set backbone.precision = "float32"',
-              file=sys.stderr)
+        log.warning('warning: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), so backbone.precision = '
+                    '"bfloat16" runs slower than float32 here, not faster; fix: set backbone.precision = "float32"')
 
 
 def load_backbone(backbone: BackboneConfig, cache_dir: Path | None = None) -> "execution.LoadedBackbone":
     """The frozen model paired with its own preprocessing: what every execution path runs."""
     spec = get_spec(backbone.name)
     model = build_model(backbone)
-    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
-    return execution.LoadedBackbone(model, preprocess, backbone, spec.input_size, int(model.output_shape[-1]),
+    return execution.LoadedBackbone(model, spec.preprocess_input(), backbone, spec.input_size, int(model.output_shape[-1]),
                                     cache_dir=Path(cache_dir) if cache_dir is not None else None)
 
 
@@ -246,6 +258,10 @@ class FeatureExtractor:
             _warn_if_bfloat16_is_emulated()
         memory = execution.ChoiceMemory(loaded.cache_dir / execution.MEMORY_FILE_NAME) if loaded.cache_dir else None
         self._chooser = execution.PathChooser(loaded, paths, memory=memory, key=execution.machine_key(loaded, paths))
+
+    def expect(self, images: int) -> None:
+        """How many images this run will send: a run too small to measure the paths on skips the trial."""
+        self._chooser.expect(images // self.batch_size)
 
     @property
     def description(self) -> str:

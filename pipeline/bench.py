@@ -13,7 +13,6 @@ ones under real ImageNet weights. Output: a table on stdout and the same numbers
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.metadata
 import io
 import json
@@ -211,7 +210,7 @@ def naive_rate(config: Config, paths: list[Path], count: int) -> dict:
 
     spec = backbones.get_spec(config.backbone.name)
     model = backbones.build_model(dataclasses.replace(config.backbone, precision="float32"))
-    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+    preprocess = spec.preprocess_input()
 
     def predict(path: Path):
         image = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(spec.input_size,) * 2))

@@ -38,9 +38,9 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,8 @@ import numpy as np
 
 from .errors import CacheError
 from .journal import JournaledFile, journal_path, roll_back
+
+log = logging.getLogger(__name__)
 
 FORMAT = "bottleneck-cache"
 FORMAT_VERSION = 1
@@ -499,7 +501,7 @@ def _lock_for_update(fd: int, path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(f"waiting for readers of {path} (train, report, your own code) to close it", file=sys.stderr)
+        log.warning("waiting for readers of %s (train, report, your own code) to close it", path)
         fcntl.flock(fd, fcntl.LOCK_EX)
 
 

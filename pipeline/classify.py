@@ -10,7 +10,6 @@ Keras' own download of its class index (which needs the internet).
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ def run_classify(config: Config, paths: Sequence[Path], *, top: int = 5,
     spec = backbones.get_spec(config.backbone.name)
     names = imagenet_names(label_dir, backbones.keras_weights_path(spec, config.backbone.alpha).parent)
     model = backbones.build_model(config.backbone, include_top=True)
-    preprocess = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
+    preprocess = spec.preprocess_input()
     results = []
     for path in paths:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -94,8 +95,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """The library's warnings, one message each on stderr, written around any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)  # sys.stderr as it is now, not at install time
+        except Exception:  # as logging.StreamHandler does: a failed write never stops the stage
+            self.handleError(record)
+
+
+def install_log_handler() -> None:
+    """The one handler that shows the `pipeline` loggers' warnings to a command-line user; a
+    notebook, which never calls this, silences or captures them with logging as it likes."""
+    logger = logging.getLogger("pipeline")
+    if not any(isinstance(handler, _StderrLines) for handler in logger.handlers):
+        handler = _StderrLines(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    install_log_handler()
     # TensorFlow's C++ INFO and WARNING lines (XLA start-up, CPU features) would break the progress
     # bar; errors still show, and a value the user set wins
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

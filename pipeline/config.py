@@ -17,7 +17,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import tomli_w
 
@@ -49,6 +49,9 @@ class Section:
             value = _check(name, kind, value)
             if isinstance(value, list) and not value:
                 raise ConfigError(f"{name} is empty; fix: give it at least one value (see configs/example.toml)")
+            names = f.metadata.get("names")
+            if names is not None and value not in names():
+                raise ConfigError(f"{name} = {value!r} is not allowed; fix: use one of {', '.join(map(repr, names()))}")
             rule = f.metadata.get("range")
             if rule is not None:
                 for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
@@ -99,6 +102,24 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     return field(default=default, default_factory=factory, metadata={"range": rule})
 
 
+def registered(default: str, names: Callable[[], Sequence[str]]) -> Any:
+    """A config field naming a registry record (a backbone, a head kind): its choices are the
+    registry's names when the value is checked, so a new record needs no edit here."""
+    return field(default=default, metadata={"names": names})
+
+
+def _backbone_names() -> list[str]:
+    from .backbones import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _head_kinds() -> list[str]:
+    from .heads import trainable_kinds
+
+    return trainable_kinds()
+
+
 SEED = {"at_least": 0, "below": 2**32}  # what numpy and Keras accept as a seed
 
 
@@ -131,9 +152,7 @@ class CacheConfig(Section, key="cache"):
 
 @dataclass(frozen=True)
 class BackboneConfig(Section, key="backbone"):
-    name: Literal["inception_v3", "mobilenet", "mobilenet_v2", "resnet50", "efficientnet_b0"] = (
-        "inception_v3"
-    )
+    name: str = registered("inception_v3", _backbone_names)  # a record of backbones.REGISTRY
     alpha: float = setting(1.0, above=0)  # width multiplier, MobileNets only
     weights: str = "imagenet"  # "imagenet", "random", or a path to a weights file
     seed: int = setting(0, **SEED)  # initialises "random" weights reproducibly
@@ -187,7 +206,7 @@ class DenseConfig(Section, key="head.dense"):
 
 @dataclass(frozen=True)
 class HeadConfig(Section, key="head"):
-    kind: Literal["logreg", "dense"] = "logreg"
+    kind: str = registered("logreg", _head_kinds)  # a head of heads.REGISTRY trained on cached features
     tta: Literal["none", "flip"] = "none"  # flip: score the average of the clean and mirrored features
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)

@@ -25,7 +25,6 @@ within 1e-4.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import warnings
@@ -46,9 +45,6 @@ from .runs import Run, load_run
 PARITY_TOLERANCE = 1e-4  # float32 throughout; a float16 cache or bfloat16 backbone rounds more
 _LOOSE_TOLERANCE = 1e-2
 _PARITY_IMAGES = 16
-# keras.applications preprocess_input, as stock layers: "tf" scales to -1..1, "caffe" is BGR minus ImageNet's mean
-_PREPROCESSING = {"inception_v3": "tf", "mobilenet": "tf", "mobilenet_v2": "tf", "resnet50": "caffe",
-                  "efficientnet": "none"}
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
@@ -131,7 +127,7 @@ def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str =
     spec = backbones.get_spec(backbone_config.name)
     inputs = keras.Input((spec.input_size, spec.input_size, 3), name="images")
     x = inputs
-    for layer in _preprocessing_layers(spec.module):
+    for layer in _preprocessing_layers(spec):
         x = layer(x)
     backbone = backbone or backbones.build_model(backbone_config)
     if tta == "flip":
@@ -149,6 +145,7 @@ def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str =
         if head.normalization_ in ("l2", "sqrt"):
             x = keras.layers.UnitNormalization(name="l2_normalise")(x)
         # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
+        # (never under keras.config.epsilon(), which the layer divides by at least: the head floors it there)
         scale = head.scale_.astype(np.float32)
         x = keras.layers.Normalization(mean=head.mean_, variance=scale * scale, name="standardise")(x)
         dense = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")
@@ -159,11 +156,12 @@ def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str =
     return keras.Model(inputs, x, name="classifier")
 
 
-def _preprocessing_layers(module: str) -> list:
-    """`keras.applications.<module>.preprocess_input` as stock layers, checked against it on every pixel value."""
+def _preprocessing_layers(spec: backbones.BackboneSpec) -> list:
+    """The backbone's preprocess_input as stock layers (`spec.preprocessing` says which), checked against it
+    on every pixel value."""
     import keras
 
-    mode = _PREPROCESSING[module]
+    mode = spec.preprocessing
     layers = []
     if mode == "tf":
         layers = [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess")]
@@ -173,12 +171,12 @@ def _preprocessing_layers(module: str) -> list:
         swap.set_weights([np.eye(3)[::-1], -np.array(_CAFFE_BGR_MEAN)])
         layers = [swap]
     ramp = np.stack([np.arange(256), np.arange(256)[::-1], np.arange(256) * 7 % 256], -1).astype(np.float32)
-    expected = importlib.import_module(f"keras.applications.{module}").preprocess_input(ramp.copy())
+    expected = spec.preprocess_input()(ramp.copy())
     got = ramp
     for layer in layers:
         got = np.asarray(layer(got))
     if np.abs(np.asarray(got) - np.asarray(expected)).max() > 1e-5:
-        raise PipelineError(f"keras.applications.{module}.preprocess_input changed in this Keras version; the export "
+        raise PipelineError(f"{spec.preprocessing_id} changed in this Keras version; the export "
                             "cannot reproduce it: please report this")
     return layers
 

@@ -9,7 +9,6 @@ next, so a crash loses at most the batch in flight.
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import os
@@ -18,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Container, Iterable, Iterator, Mapping
+from typing import Callable, Container, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -113,6 +112,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 nonlocal extractor
                 if extractor is None:
                     extractor = make_extractor(config.backbone)
+                    extractor.expect(len(stale) * (1 + len(views.wanted)))
                 cache.ensure_feature_dim(extractor.feature_dim)
                 return extractor
 
@@ -225,7 +225,7 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
         batch.clear(), pending_files.clear(), pending_failures.clear()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        for item in _prefetch(pool, load, jobs, depth=4 * config.backbone.batch_size):
+        for item in images.prefetch(pool, load, jobs, depth=4 * config.backbone.batch_size):
             if item.error is not None:
                 if not is_known(item.record.key):
                     pending_failures.append((item.record.key, item.entry.relpath, item.error))
@@ -306,14 +306,3 @@ def make_loader(size: int, max_pixels: int, known: Container[str], views: ViewNe
             return Loaded(entry, record, error=str(exc))
 
     return load
-
-
-def _prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
-    """`pool.map` in order, but with at most `depth` results in flight, so memory stays flat."""
-    queue: collections.deque = collections.deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= depth:
-            yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()

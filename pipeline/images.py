@@ -11,10 +11,14 @@ numbers then depend on no library version and no summation order, so an exported
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
+import struct
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,9 +32,6 @@ DECODE_ID = "pillow:exif-transpose,alpha-on-white,16bit-scaled,jpeg-draft,intege
 RESIZE_BITS = 22  # fixed-point precision of the resize weights (as in Pillow's own resampler)
 _INT32_BLOCK = 1 << 22  # input values widened to int32 at once while resizing: 16 MiB
 
-# Our per-call limit replaces Pillow's process-wide one, which would otherwise refuse an image
-# before a raised data.max_image_pixels is consulted (and warn from inside the thread pool).
-Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageTooLarge(ImageError):
@@ -56,7 +57,7 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if not data:
         raise ImageError("empty file")
     try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
+        with _open(data) as image:
             width, height = image.size  # from the header: no pixel memory allocated yet
             if width * height <= max_pixels:
                 return _decode(image, size)
@@ -64,6 +65,39 @@ def decode_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
         raise ImageError(_reason(exc)) from None
     raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}; "
                         "fix: raise data.max_image_pixels if you trust this file")
+
+
+def prefetch(pool: Executor, fn: Callable, items: Iterable, depth: int) -> Iterator:
+    """`pool.map(fn, items)` in order, but with at most `depth` results in flight, so that decoding
+    ahead of the backbone keeps memory flat (extract and predict read their images through it)."""
+    queue: collections.deque = collections.deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= depth:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
+def _open(data: bytes) -> Image.Image:
+    """`Image.open(..., formats=DECODE_FORMATS)` without its check against Pillow's process-wide
+    `Image.MAX_IMAGE_PIXELS`: `decode_image` applies its own limit per call, so a raised
+    data.max_image_pixels is not pre-empted (nor warned about from the thread pool), and
+    nothing global is changed: whoever imports us keeps Pillow's guard everywhere else."""
+    fp, prefix = io.BytesIO(data), data[:16]
+    for name in DECODE_FORMATS:
+        if name not in Image.OPEN:
+            Image.init()
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a str is Pillow's "looks like it, but unsupported"
+            continue
+        try:
+            fp.seek(0)
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 def _decode(image: Image.Image, size: int) -> np.ndarray:

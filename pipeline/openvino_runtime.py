@@ -92,7 +92,7 @@ def ir_identity(backbone: BackboneConfig) -> dict | None:
     if weights is None:
         return None
     return {"backbone": spec.name, "alpha": backbone.alpha if spec.has_alpha else None, "weights": weights,
-            "input_size": spec.input_size, "preprocessing": f"keras.applications.{spec.module}.preprocess_input",
+            "input_size": spec.input_size, "preprocessing": spec.preprocessing_id,
             "input": "uint8 NHWC RGB", "openvino": openvino_version(),
             **({"pooled_blocks": list(backbones.pooled_blocks(backbone))} if backbone.pool_blocks > 1 else {})}
 

@@ -174,3 +174,16 @@ def test_every_numeric_key_declares_its_range():
             if kind in (int, float) and "range" not in f.metadata:
                 missing.append(f"{section.key}.{f.name}")
     assert missing == []
+
+
+def test_a_config_built_in_python_is_checked_like_one_read_from_toml():
+    with pytest.raises(ConfigError, match="backbone.name = 'vgg' is not allowed; fix: use one of 'inception_v3'"):
+        Config(backbone=BackboneConfig(name="vgg"))
+    with pytest.raises(ConfigError, match="head.kind = 'forest' is not allowed; fix: use one of 'logreg', 'dense'"):
+        HeadConfig(kind="forest")
+    with pytest.raises(ConfigError, match="backbone.batch_size = 0 is below 1"):
+        BackboneConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="backbone: expected a table of keys"):
+        Config(backbone={"name": "mobilenet"})
+    with pytest.raises(ConfigError, match="backbone.name = 'vgg' is not allowed"):
+        load_config(None, ["backbone.name=vgg"])

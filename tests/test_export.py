@@ -4,7 +4,6 @@ Parity runs on real flowers5 photos with real MobileNet v1 0.25 ImageNet weights
 a PNG with transparency, a grayscale JPEG and a large JPEG that the decoder scales down.
 """
 
-import importlib
 import json
 import os
 import shutil
@@ -262,19 +261,14 @@ def _distinct_preprocessing() -> list[str]:
     ramp = np.stack([np.arange(256), np.arange(256)[::-1], np.arange(256) * 7 % 256], -1).astype(np.float32)
     first = {}
     for name, spec in backbones.REGISTRY.items():
-        preprocessed = importlib.import_module(f"keras.applications.{spec.module}").preprocess_input(ramp.copy())
+        preprocessed = spec.preprocess_input()(ramp.copy())
         first.setdefault((np.asarray(preprocessed).round(4).tobytes(), spec.input_size), name)
     return sorted(first.values())
 
 
-# Found by this test, not fixed yet: Inception V3's export (299 px) is 0.027 off the report on the RGBA PNG
-# (val/tulips/transparent.png); strict, so that the fix turns this into a failure to remove the mark.
-_KNOWN_DEFECTS = {"inception_v3": pytest.mark.xfail(strict=True, raises=PipelineError,
-                                                     reason="export parity on Inception V3 fails on an RGBA PNG")}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_KNOWN_DEFECTS.get(n, ()))
-                                  for n in _distinct_preprocessing() if n != "mobilenet"])  # mobilenet: above
+@pytest.mark.parametrize("name", [n for n in _distinct_preprocessing() if n != "mobilenet"])  # mobilenet: above
 def test_every_kind_of_preprocessing_exports_with_parity(flowers_run, tmp_path, name):
     """Random weights (no ImageNet files here but MobileNet's), real photos, the SavedModel against the report."""
     _, root, _, _ = flowers_run

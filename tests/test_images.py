@@ -265,3 +265,19 @@ def test_real_photos_decode(flowers5):
 def test_hymenoptera_oddities_decode(hymenoptera, name):
     _, pixels = read_and_decode(hymenoptera / "train" / "ants" / name, 224)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8 and pixels.std() > 5
+
+
+def test_importing_the_library_changes_no_global_state():
+    """A notebook that imports us keeps Pillow's decompression-bomb guard, its logging and warning filters."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging, warnings; from PIL import Image\n"
+            "import h5py, matplotlib.figure, numpy, scipy.sparse, sklearn.linear_model, tqdm  # theirs, not ours\n"
+            "before = (Image.MAX_IMAGE_PIXELS, list(logging.getLogger().handlers), list(warnings.filters))\n"
+            "import pipeline, pipeline.extract, pipeline.predict, pipeline.train, pipeline.evaluate\n"
+            "after = (Image.MAX_IMAGE_PIXELS, list(logging.getLogger().handlers), list(warnings.filters))\n"
+            "assert before == after, (before, after)\n"
+            "assert Image.MAX_IMAGE_PIXELS is not None")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)

@@ -16,6 +16,11 @@ from ..errors import ConfigError
 HEAD_KINDS = ("logreg", "dense")
 
 
+def trainable_kinds() -> list[str]:
+    """The head kinds `train` fits on cached features: what head.kind may name."""
+    return list(HEAD_KINDS)
+
+
 def make_head(config: HeadConfig):
     if config.kind == "logreg":
         from .logreg import LogisticRegressionHead

@@ -67,8 +67,7 @@ class LogisticRegressionHead:
             Z, Z_val = (normalize(matrix, normalization) if normalization != "none" else matrix.copy()
                         for matrix in (raw, raw_val))  # standardised in place below: raw stays as read
             mean, variance = _moments(Z)
-            scale = np.sqrt(variance)
-            scale[scale == 0] = 1.0  # a constant feature, as StandardScaler leaves it
+            scale = _standard_scale(variance)
             for matrix in (Z, Z_val):
                 _standardise_in_place(matrix, mean, scale)
             Z_views = None
@@ -231,3 +230,20 @@ def _check_memory(X, X_val) -> None:
                            f"{need / 2**30:.1f} GiB of memory and {have / 2**30:.1f} GiB is available; fix: set "
                            'head.kind = "dense", which streams its rows from the cache, or train on a machine '
                            "with more memory")
+
+
+# what keras.layers.Normalization divides by at least (keras.config.epsilon()): the exported
+# head standardises with that layer, so the head must never divide by less
+EXPORTED_SCALE_FLOOR = 1e-7
+
+
+def _standard_scale(variance: np.ndarray) -> np.ndarray:
+    """Standard deviations as the exported Normalization layer will apply them.
+
+    Features that barely vary on the training images (common with random weights, whose
+    features are of the order of 1e-4) can have standard deviations under 1e-7; dividing by
+    them here while the export divides by 1e-7 made the export differ from the report by
+    0.007 on Inception V3. A constant feature gets 1, as StandardScaler gives it.
+    """
+    scale = np.sqrt(variance)
+    return np.where(scale == 0, 1.0, np.maximum(scale, EXPORTED_SCALE_FLOOR))
