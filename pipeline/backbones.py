@@ -259,6 +259,10 @@ class FeatureExtractor:
         memory = execution.ChoiceMemory(loaded.cache_dir / execution.MEMORY_FILE_NAME) if loaded.cache_dir else None
         self._chooser = execution.PathChooser(loaded, paths, memory=memory, key=execution.machine_key(loaded, paths))
 
+    def expect(self, images: int) -> None:
+        """How many images this run will send: a run too small to measure the paths on skips the trial."""
+        self._chooser.expect(images // self.batch_size)
+
     @property
     def description(self) -> str:
         return self._chooser.description

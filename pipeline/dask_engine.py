@@ -64,7 +64,7 @@ def extract_on_dask(config: Config, fingerprint: dict, cache: CacheWriter, entri
             bar.write(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         try:
             for future in as_completed(futures):
-                shard = futures[future]
+                shard = futures.pop(future)
                 try:
                     result = future.result()
                 except WorkerRefused:
@@ -75,6 +75,9 @@ def extract_on_dask(config: Config, fingerprint: dict, cache: CacheWriter, entri
                     added = merge_shard(cache, directory / f"{shard.id}.h5", fingerprint, known)
                     summary.extracted += added
                     summary.reused += result.reused + result.extracted - added
+                # let the cluster forget it: a result held only by a worker that dies later is
+                # otherwise recomputed for nobody (its shard file gone once merged, so all of it)
+                future.release()
                 bar.update(len(shard.jobs))
         finally:
             bar.close()
@@ -114,7 +117,15 @@ def _has_dashboard(client) -> bool:
 
 
 def _describe_failure(shard: Shard, exc: BaseException) -> str:
-    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    """One line: the shard's id, why it failed, and its files (the first 10)."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):  # Dask's own text is a paragraph and names only the last worker
+        last = getattr(exc.last_worker, "address", exc.last_worker)
+        reason = (f"its worker died each of the {exc.allowed_failures + 1} times it ran this shard, last {last}: "
+                  "a crash or running out of memory on one of its files? see that worker's log")
+    else:
+        reason = f"{type(exc).__name__}: " + (" ".join(str(exc).split())[:200] or "no message")
     files = shard.relpaths
     listed = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
-    return f"shard {shard.id} ({type(exc).__name__}: {reason}); its {len(files)} image(s): {listed}"
+    return f"shard {shard.id} ({reason}); its {len(files)} image(s): {listed}"

@@ -65,6 +65,11 @@ class DataIssues:
     novelty_scores: np.ndarray | None = None  # one per sample, in sample order
     seconds: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)  # the run's samples the lists and arrays refer to
+    not_inspected: str = ""  # why the features cannot tell anything about the data (then every list is empty)
+
+    @classmethod
+    def skipped(cls, reason: str, scored_split: str) -> "DataIssues":
+        return cls([], [], [], {}, scored_split, not_inspected=reason)
 
     def leaked_images(self) -> list[str]:
         """Images of the scored split that nearly duplicate a training image: they inflate its accuracy."""
@@ -74,6 +79,8 @@ class DataIssues:
 
     def summary(self) -> str:
         """One line for the terminal."""
+        if self.not_inspected:
+            return f"data: not inspected: {self.not_inspected}"
         crossing = sum(d.crosses_splits for d in self.near_duplicates)
         return (f"data: {len(self.label_issues)} likely label error(s); {len(self.near_duplicates)} near-duplicate "
                 f"pair(s), {crossing} across splits; {len(self.leaked_images())} {self.scored_split} image(s) nearly "
@@ -85,7 +92,8 @@ class DataIssues:
                 "near_duplicates": [{"images": list(d.images), "similarity": d.similarity, "splits": list(d.splits)}
                                     for d in self.near_duplicates],
                 "unfamiliar": [asdict(u) for u in self.unfamiliar],
-                "thresholds": self.thresholds, "scored_split": self.scored_split, "seconds": self.seconds}
+                "thresholds": self.thresholds, "scored_split": self.scored_split, "seconds": self.seconds,
+                **({"not_inspected": self.not_inspected} if self.not_inspected else {})}
 
     def write(self, out_dir: Path) -> Path:
         path = Path(out_dir) / ISSUES_FILE
@@ -287,15 +295,75 @@ def project_2d(vectors: np.ndarray, seed: int = 0) -> np.ndarray:
     return points / np.maximum(points.max(0), 1e-12)
 
 
+class MapStore:
+    """Maps already computed, kept beside the cache as plain HDF5 (`<cache>.maps/<id>.h5`, one
+    float32 array of points, never pickle), so the t-SNE is paid once per row set: a second
+    report, and every run of a sweep on the same images, reads it back in milliseconds.
+
+    A map's id hashes what its points depend on: the cache's fingerprint, the projection and
+    its version, the seed, the shown rows' keys in order and the training keys (the centre).
+    The newest `keep` maps stay; older ones (row sets since changed) are deleted.
+    """
+
+    METHOD = "t-SNE (scikit-learn Barnes-Hut, 500 iterations) of the centred unit features after PCA to 50 dimensions"
+
+    def __init__(self, directory: Path, keep: int = 20):
+        self.directory = Path(directory)
+        self.keep = keep
+
+    @staticmethod
+    def for_cache(cache_path: Path) -> "MapStore":
+        cache_path = Path(cache_path)
+        return MapStore(cache_path.with_name(cache_path.name + ".maps"))
+
+    def map_id(self, fingerprint: dict, shown_keys: Sequence[str], train_keys: Sequence[str], seed: int) -> str:
+        import hashlib
+
+        import sklearn
+
+        digest = hashlib.sha256(json.dumps([fingerprint, self.METHOD, f"scikit-learn {sklearn.__version__}", seed,
+                                            sorted(train_keys)], sort_keys=True).encode())
+        for key in shown_keys:
+            digest.update(key.encode() + b"\n")
+        return digest.hexdigest()[:24]
+
+    def load(self, map_id: str, rows: int) -> np.ndarray | None:
+        path = self.directory / f"{map_id}.h5"
+        try:
+            with h5py.File(path, "r") as f:
+                points = f["points"][...]
+        except (OSError, KeyError):  # not computed yet, or unreadable: computed again
+            return None
+        return points if points.shape == (rows, 2) else None
+
+    def save(self, map_id: str, points: np.ndarray) -> None:
+        """Written under a temporary name and renamed: a map file is whole or absent."""
+        import os
+
+        try:
+            self.directory.mkdir(exist_ok=True)
+            temp = self.directory / f"{map_id}.{os.getpid()}.part"
+            with h5py.File(temp, "w") as f:
+                f.create_dataset("points", data=np.asarray(points, np.float32))
+                f.attrs["method"] = self.METHOD
+            os.replace(temp, self.directory / f"{map_id}.h5")
+            for old in sorted(self.directory.glob("*.h5"), key=lambda p: p.stat().st_mtime)[:-self.keep]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a read-only cache folder: the map is simply computed again next time
+            log.warning("the map could not be kept in %s (%s); the next report computes it again", self.directory, exc)
+
+
 # ---------------------------------------------------------------- the whole analysis
 
 def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequence[str], *,
                      settings: InspectConfig, C: float, scored_split: str, project: bool = True,
-                     novelty: NoveltyModel | None = None) -> tuple[DataIssues, NoveltyModel]:
+                     novelty: NoveltyModel | None = None, maps: MapStore | None = None,
+                     fingerprint: dict | None = None) -> tuple[DataIssues, NoveltyModel]:
     """The whole analysis on one feature row per sample (sample order), from cached features only.
 
     `novelty` reuses a saved model (its threshold); otherwise one is fitted on train and
-    calibrated on val.
+    calibrated on val. With `maps` (and the cache's `fingerprint`), the map is read from there
+    when this row set was projected before, and kept there otherwise.
     """
     import time
 
@@ -347,8 +415,18 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
         started = time.perf_counter()
         shown = _map_rows(len(samples), settings.map_points, settings.seed)
         projection = np.full((len(samples), 2), np.nan)
-        projection[shown] = project_2d(vectors[shown], settings.seed)
-        timings["map"] = time.perf_counter() - started
+        points = map_id = None
+        if maps is not None and fingerprint is not None:
+            map_id = maps.map_id(fingerprint, [samples[i]["key"] for i in shown],
+                                 [samples[i]["key"] for i in train_rows], settings.seed)
+            points = maps.load(map_id, len(shown))
+        reused = points is not None
+        if not reused:
+            points = project_2d(vectors[shown], settings.seed)
+            if map_id is not None:
+                maps.save(map_id, points)
+        projection[shown] = points
+        timings["map (kept from an earlier report)" if reused else "map"] = time.perf_counter() - started
 
     thresholds = {"duplicate_similarity": settings.duplicate_similarity,
                   "unfamiliar": {"method": "squared Mahalanobis distance to the nearest class mean (shared "
@@ -356,7 +434,7 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
                                  "threshold": novelty.threshold},
                   "label_issues": {"method": "cleanlab confident learning (prune_by_noise_rate) on out-of-fold "
                                              "logistic-regression probabilities", "folds": folds, "C": C},
-                  "search": "exact (scikit-learn)" if index.exact else "faiss HNSW"}
+                  "search": "exact (scikit-learn)" if index.exact else "faiss HNSW", "map": MapStore.METHOD}
     issues = DataIssues(label_issues, duplicates, unfamiliar, thresholds, scored_split, projection, scores,
                         {k: round(v, 3) for k, v in timings.items()}, list(samples))
     return issues, novelty
@@ -374,6 +452,10 @@ def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
     beside the head as novelty.h5."""
     from .cache import FeatureCache
 
+    reason = features_say_nothing(run.info["fingerprint"])
+    if reason:
+        log.warning("data not inspected: %s", reason)
+        return DataIssues.skipped(reason, scored_split)
     samples = run.samples
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
@@ -381,9 +463,24 @@ def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
         features = cache.read_features([rows[s["key"]] for s in present])
     C = float(run.info.get("params", {}).get("C", 1.0))  # the logreg head's choice; 1.0 for other heads
     issues, novelty = inspect_features(features, present, run.labels, settings=run.config.inspect, C=C,
-                                       scored_split=scored_split, project=project)
+                                       scored_split=scored_split, project=project,
+                                       maps=MapStore.for_cache(run.info["cache"]), fingerprint=run.info["fingerprint"])
     novelty.save(run.dir / NOVELTY_FILE)
     return issues
+
+
+def features_say_nothing(fingerprint: dict) -> str:
+    """Why features with this fingerprint cannot say anything about the data, or "".
+
+    Random weights (the demo's fallback when ImageNet weights cannot be had) make features
+    whose similarities reflect the random filters, not the photos: any two digits look like
+    near-duplicates there, and every image alike or unlike the rest.
+    """
+    if str(fingerprint.get("weights", "")).startswith("random"):
+        return ("the backbone has random weights, so its features' similarities mean nothing (near-duplicates, "
+                "unfamiliar images, label errors and the map would all be noise); fix: extract with "
+                "backbone.weights = \"imagenet\"")
+    return ""
 
 
 def novelty_for_run(run) -> NoveltyModel:

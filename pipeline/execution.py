@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_FILE_NAME = "execution_paths.json"
 TRIAL_ROUNDS = 3  # per candidate: one warm-up call (compiles, not timed), then two timed calls
+CLEAR_LOSS = 3.0  # a candidate this many times slower than the best so far gets no second timed call
 
 Run = Callable[[np.ndarray], np.ndarray]  # uint8 images (n, size, size, 3) -> float32 rows (n, d)
 
@@ -273,6 +274,16 @@ class PathChooser:
         self._seconds = {path.name: [] for path in self.paths}
         self.description = ""
 
+    def expect(self, full_batches: int) -> None:
+        """Told how many full batches the run will have: too few to finish a trial, the run
+        stays on the first candidate (the plain graph), so a small extract or a predict on a
+        few images never pays for compiling paths it could not measure. Nothing is remembered:
+        a larger extract measures them."""
+        needed = len(self._schedule)
+        if self.chosen is None and needed == TRIAL_ROUNDS * len(self.paths) and full_batches < needed:
+            self._choose(self.paths[0], f"{full_batches} full batches are too few to measure the {len(self.paths)} "
+                         f"candidates on; an extract of at least {needed} batches measures them")
+
     def _choose(self, path: ExecutionPath, why: str) -> None:
         self.chosen = path
         self.description = f"backbone path: {path.name} ({why})"
@@ -309,16 +320,27 @@ class PathChooser:
             self._drop(path, exc)
             return self(batch)
         if self.chosen is None and full:
+            self._schedule.pop(0)
             if not warm:
                 self._seconds[path.name].append(self.clock() - started)
-            self._schedule.pop(0)
-            if not self._schedule:
+                self._cut_clear_losers()
+            elif not self._schedule:
                 self._decide_by_trial()
         return rows
 
+    def _cut_clear_losers(self) -> None:
+        """A path already CLEAR_LOSS times slower than the best timed call (XLA ran MobileNet
+        9x slower than the graph on an AMX Xeon) is not timed again: the trial stays short."""
+        fastest = min((min(times) for times in self._seconds.values() if times), default=None)
+        for name, times in self._seconds.items():
+            if times and min(times) > CLEAR_LOSS * fastest:
+                self._schedule = [scheduled for scheduled in self._schedule if scheduled != name]
+        if not self._schedule:
+            self._decide_by_trial()
+
     def _decide_by_trial(self) -> None:
-        best = {name: min(times) for name, times in self._seconds.items()}
-        winner = min(self.paths, key=lambda path: best[path.name])
+        best = {name: min(times) for name, times in self._seconds.items() if times}
+        winner = min((path for path in self.paths if path.name in best), key=lambda path: best[path.name])
         measured = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         where = ""
         if self.memory and self.key:

@@ -112,6 +112,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
                 nonlocal extractor
                 if extractor is None:
                     extractor = make_extractor(config.backbone)
+                    extractor.expect(len(stale) * (1 + len(views.wanted)))
                 cache.ensure_feature_dim(extractor.feature_dim)
                 return extractor
 

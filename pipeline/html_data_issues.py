@@ -33,6 +33,8 @@ def headline_alerts(issues: DataIssues | None) -> list[str]:
     """HTML lines for the headline: leaks inflate accuracy, so they are said first."""
     if issues is None:
         return []
+    if issues.not_inspected:
+        return [f'<p class="note" id="data-summary">{esc(issues.summary())}</p>']
     leaked = issues.leaked_images()
     split = issues.scored_split
     alerts = []
@@ -47,6 +49,9 @@ def headline_alerts(issues: DataIssues | None) -> list[str]:
 def data_sections(issues: DataIssues | None, labels: Sequence[str], thumbs: Thumbnails, image_root: Path | None) -> list[str]:
     if issues is None:
         return []
+    if issues.not_inspected:
+        return [f'<section id="data-not-inspected"><h2>Know your data</h2><p class="note">Not inspected: '
+                f'{esc(issues.not_inspected)}.</p></section>']
     return [_label_issues_section(issues, thumbs), _duplicates_section(issues, thumbs),
             _unfamiliar_section(issues, thumbs), _map_section(issues, labels, image_root)]
 

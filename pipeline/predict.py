@@ -102,7 +102,8 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
         make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
             backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
         features = _rows(run, paths, predictions, progress, size=backbones.get_spec(backbone.name).input_size,
-                         batch_size=backbone.batch_size, compute=lambda: make_extractor(backbone), use_cache=True)
+                         batch_size=backbone.batch_size, compute=lambda: _told(make_extractor(backbone), len(paths)),
+                         use_cache=True)
     else:  # the run's whole model on every image: its backbone is not the one whose features were cached
         features = _rows(run, paths, predictions, progress, size=record["input_size"], batch_size=PREDICT_BATCH,
                          compute=lambda: functools.partial(predict_pixels, load_model(run)), use_cache=False)
@@ -136,6 +137,12 @@ def _novelty_model(run: Run, *, required: bool):
             raise
         log.warning("no novelty scores: %s", exc)
         return None
+
+
+def _told(extractor, images: int):
+    """The extractor, told the most images it will get: a few never pay for measuring paths."""
+    extractor.expect(images)
+    return extractor
 
 
 def run_backbone(run: Run) -> BackboneConfig:

@@ -78,7 +78,11 @@ def cluster():
     """A local cluster of two spawned worker processes, as `dask worker` would start them."""
     import dask
 
-    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
+    # one task at a time per worker, and a task that its worker died running twice has failed:
+    # a worker killed mid-shard then suspects that shard alone, and a doomed shard fails fast
+    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn",
+                          "distributed.scheduler.worker-saturation": 1.0,
+                          "distributed.scheduler.allowed-failures": 1}):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                       silence_logs=40) as cluster, distributed.Client(cluster) as client:
             yield cluster, client
@@ -162,6 +166,50 @@ def test_a_killed_driver_is_resumed_by_the_rerun_which_skips_finished_shards(tmp
     summary = run_extract(dask_config(tmp_path, photos, cluster), progress=False)
     assert merged + summary.extracted == len(local_cache["rows"])
     assert_same_cache(content(summary.cache_path), local_cache)
+
+
+class DiesOnOneShard(distributed.WorkerPlugin):
+    """Kills its worker process each time one shard starts there, as a decoder crashing on one of
+    its files or a shard running its worker out of memory would. The doomed shard is the first
+    one any worker starts; its task key is kept in a symlink, created atomically, so that the
+    restarted workers (which get this plugin again) know it too."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing" or not str(key).startswith("extract-shard-"):
+            return
+        with contextlib.suppress(FileExistsError):
+            os.symlink(str(key), self.marker)
+        if os.readlink(self.marker) == str(key):
+            os._exit(1)
+
+
+def test_a_shard_that_keeps_failing_is_named_with_its_files_while_the_others_merge_and_the_rerun_retries_it(
+        tmp_path, photos, local_cache, cluster):
+    client = cluster[1]
+    marker = tmp_path / "doomed shard"
+    config = dask_config(tmp_path, photos, cluster, **{"extract.shard_size": 8})
+    client.register_plugin(DiesOnOneShard(str(marker)), name="dies-on-one-shard")
+    try:
+        summary = run_extract(config, progress=False)
+    finally:
+        client.unregister_worker_plugin("dies-on-one-shard")
+    got = content(summary.cache_path)
+    missing = set(local_cache["files"]) - set(got["files"])
+    assert 0 < len(missing) <= 8
+    assert got["files"] == {path: key for path, key in local_cache["files"].items() if path not in missing}
+    [line] = summary.failed_shards
+    doomed = os.readlink(marker).removeprefix("extract-shard-")
+    assert "\n" not in line and line.startswith(f"shard {doomed} (its worker died")
+    assert set(line.split(f"its {len(missing)} image(s): ", 1)[1].split(", ")) == missing
+    assert "1 shard(s) kept failing; every other shard was merged" in summary.describe()
+    assert not list(summary.cache_path.parent.glob("*.shards/*")), "the merged shards' files are deleted"
+
+    rerun = run_extract(config, progress=False)
+    assert rerun.failed_shards == [] and rerun.extracted == len(local_cache["rows"]) - len(got["rows"]) > 0
+    assert_same_cache(content(rerun.cache_path), local_cache)
 
 
 def _rows(path: Path) -> int:

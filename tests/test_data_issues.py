@@ -202,3 +202,50 @@ def test_the_large_set_index_finds_what_exact_search_finds(flowers):
              for index in (exact, approximate)]
     assert found[0].keys() == found[1].keys() and len(found[0]) >= 20
     assert all(abs(found[0][pair] - found[1][pair]) < 1e-5 for pair in found[0])
+
+
+def test_random_weights_make_no_claims_about_the_data(tmp_path, tiny_dataset):
+    """The demo's fallback (random weights): every image looks like a near-duplicate of every other in
+    such features, so the report says in one line why the data was not inspected instead of
+    announcing leaks, and data_issues.json says the same with empty lists."""
+    from conftest import tiny_config
+    from pipeline.evaluate import run_report
+    from pipeline.extract import run_extract
+    from pipeline.train import run_train
+    from pipeline_helpers import KeptExtractor
+
+    config = tiny_config(tmp_path, tiny_dataset)
+    run_extract(config, progress=False, make_extractor=KeptExtractor)
+    run_dir = run_train(config).run_dir
+    out_dir, metrics = run_report(run_dir)
+    summary = metrics["context"]["data_issues"]["summary"]
+    assert summary.startswith("data: not inspected: the backbone has random weights") and "\n" not in summary
+    report = json.loads((out_dir / "data_issues.json").read_text())
+    assert report["not_inspected"] in summary
+    assert report["label_issues"] == report["near_duplicates"] == report["unfamiliar"] == []
+    html = (out_dir / "report.html").read_text()
+    assert 'id="data-not-inspected"' in html and "random weights" in html
+    for claim in ("leak-alert", 'id="near-duplicates"', 'id="unfamiliar"', 'id="map"'):
+        assert claim not in html
+    assert not (run_dir / NOVELTY_FILE).exists()
+
+
+def test_the_map_is_projected_once_per_row_set_and_kept_as_plain_hdf5_beside_the_cache(flowers):
+    import h5py
+
+    from pipeline.data_issues import MapStore, inspect_run
+
+    run, _, _ = flowers
+    store = MapStore.for_cache(run.info["cache"])
+    [kept] = store.directory.glob("*.h5")  # the fixture's report projected it
+    with h5py.File(kept, "r") as f:
+        points = f["points"][...]
+    assert points.shape == (len(run.samples), 2) and points.dtype == np.float32
+    again = inspect_run(run, "val")
+    assert "map (kept from an earlier report)" in again.seconds and "map" not in again.seconds
+    np.testing.assert_array_equal(again.projection, points)
+    # another row set (one image fewer) is projected anew, and kept beside the first
+    features, fewer = _features(run)[1:], run.samples[1:]
+    other, _ = inspect_features(features, fewer, run.labels, settings=run.config.inspect, C=1.0, scored_split="val",
+                                maps=store, fingerprint=run.info["fingerprint"])
+    assert "map" in other.seconds and len(list(store.directory.glob("*.h5"))) == 2

@@ -91,6 +91,37 @@ def test_the_slower_path_wins_when_it_measures_faster(tmp_path):
     assert run.chosen.name == "graph"
 
 
+def test_a_clear_loser_is_timed_once_and_not_again(tmp_path):
+    clock, calls = FakeClock(), []
+    run = chooser(fake_paths(clock, {"graph": 0.1, "xla": 0.9}, calls), clock)  # 9x: MobileNet on an AMX Xeon
+    while run.chosen is None:
+        run(batch())
+    assert [name for name, _ in calls if name == "xla"] == ["xla", "xla"], "a warm-up and one timed call"
+    assert run.chosen.name == "graph" and "xla 0.900 s/batch" in run.description
+    memory = execution.ChoiceMemory(tmp_path / "execution_paths.json")
+    close = chooser(fake_paths(clock, {"graph": 0.2, "xla": 0.3}, []), clock, memory)
+    for _ in range(2 * execution.TRIAL_ROUNDS):
+        close(batch())
+    timed = memory.recall(KEY)["all_seconds"]
+    assert close.chosen.name == "graph" and len(timed["xla"]) == execution.TRIAL_ROUNDS - 1, \
+        "a near loss is timed in full: noise could have made it"
+
+
+def test_a_run_too_small_to_measure_stays_on_the_graph_and_remembers_nothing(tmp_path):
+    memory = execution.ChoiceMemory(tmp_path / "execution_paths.json")
+    clock, calls = FakeClock(), []
+    run = chooser(fake_paths(clock, {"graph": 0.5, "xla": 0.2}, calls), clock, memory)
+    run.expect(2 * execution.TRIAL_ROUNDS - 1)
+    assert run.chosen.name == "graph" and "too few" in run.description
+    for _ in range(3):
+        run(batch())
+    assert {name for name, _ in calls} == {"build", "graph"}, "XLA was never built, let alone compiled"
+    assert not memory.path.exists(), "a larger extract measures the paths"
+    large = chooser(fake_paths(clock, {"graph": 0.5, "xla": 0.2}, []), clock, memory)
+    large.expect(2 * execution.TRIAL_ROUNDS)
+    assert large.chosen is None, "enough batches for the trial: it runs"
+
+
 def test_a_remembered_choice_is_reused_without_a_trial(tmp_path):
     memory = execution.ChoiceMemory(tmp_path / "execution_paths.json")
     clock, calls = FakeClock(), []
