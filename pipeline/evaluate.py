@@ -20,16 +20,37 @@ from .features import dataset_from_config, scoring_features
 from .heads import load_head
 from .html_report import conflict_groups, write_html_report
 from .pixel_models import predict_samples, whole_model
-from .report import write_report
+from .report import compute_metrics, write_report
 from .runs import Run, load_run
 
 
-def run_report(run_dir: Path) -> tuple[Path, dict]:
-    started = time.perf_counter()
-    run = load_run(run_dir)
+def held_out(run: Run) -> tuple[str, list[dict]]:
+    """The split a run is reported on (test, else val) and its samples, unlabeled images included."""
     has_test = any(s["split"] == "test" and s["label"] is not None for s in run.samples)
     split = "test" if has_test else "val"
-    chosen = [s for s in run.samples if s["split"] == split or s["label"] is None]
+    return split, [s for s in run.samples if s["split"] == split or s["label"] is None]
+
+
+def report(run: Run | Path | str) -> dict:
+    """A run's metrics on its held-out split, in memory (no file written): what `make report`
+    puts in metrics.json, without the data inspection and the timings."""
+    run = run if isinstance(run, Run) else load_run(run)
+    split, chosen = held_out(run)
+    if whole_model(run.info):
+        dataset = _dataset(run.config)
+        probabilities = predict_samples(run, chosen, dataset.root if dataset else None)
+    else:
+        probabilities = _score_cached(run, chosen)[0]
+    metrics = compute_metrics(run.labels, [s["label"] for s in chosen], probabilities)
+    return {**metrics, "split": split}
+
+
+def run_report(run_dir: Path) -> tuple[Path, dict]:
+    """The report stage: score the held-out split and write metrics.json, predictions.jsonl, the
+    confusion matrix and report.html into `<run>/report/`."""
+    started = time.perf_counter()
+    run = load_run(run_dir)
+    split, chosen = held_out(run)
     dataset = _dataset(run.config)
     image_root = dataset.root if dataset else None
     issues = None  # data inspection needs cached features: head runs only

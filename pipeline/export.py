@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backbones, images
+from . import backbones, images, stages
 from .cache import FeatureCache
 from .errors import PipelineError
 from .features import dataset_from_config, scoring_features
@@ -274,3 +274,6 @@ def export_tflite(out_dir: Path, size: int, pixels: np.ndarray | None, reference
                 "note": f"not written: TFLite's probabilities differ by {diff:.2g} (tolerance {tolerance:g})"}
     return {"written": True, "max_abs_diff": diff,
             "note": f"TFLite, pixels in; within {diff:.1e} on {len(pixels)} images (tolerance {tolerance:g})"}
+
+
+stages.callable_module(__name__, "pipeline.export:run_export")  # `from pipeline import export; export(...)`

@@ -22,7 +22,7 @@ from typing import Callable, Container, Iterable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from . import augment, backbones, execution, images
+from . import augment, backbones, execution, images, stages
 from .cache import CacheWriter, FileRecord, ViewRows, cache_path
 from .config import Config
 from .dataset import ImageEntry, assign_splits, shown
@@ -306,3 +306,6 @@ def make_loader(size: int, max_pixels: int, known: Container[str], views: ViewNe
             return Loaded(entry, record, error=str(exc))
 
     return load
+
+
+stages.callable_module(__name__, "pipeline.extract:run_extract")  # `from pipeline import extract; extract(...)`

@@ -17,7 +17,7 @@ import numpy as np
 from . import augment, backbones, demo
 from .cache import FeatureCache, cache_path
 from .config import Config
-from .dataset import Dataset, ImageEntry, discover, shown
+from .dataset import Dataset, ImageEntry, assign_splits, discover, shown
 from .errors import CacheError, DatasetError
 
 
@@ -101,6 +101,77 @@ def trainable(dataset: Dataset, cached: CachedImages) -> tuple[list[ImageEntry],
     entries = [entry for entry in dataset.entries
                if entry.relpath in cached.keys and cached.keys[entry.relpath] not in conflicts]
     return entries, [describe_conflict(group) for group in conflicts.values()]
+
+
+@dataclass
+class SampleSet:
+    """What train learns from: every usable image with its content hash, label and split, and the classes."""
+    samples: list[dict]  # {"image", "key", "label", "split"}, as samples.jsonl stores them
+    labels: list[str]  # class names, in the order of a head's outputs
+    conflicts: list[str]  # one warning per image filed under two labels (left out)
+    failed: int  # images that could not be decoded
+    warnings: list[str]  # the dataset's own (empty classes, ...)
+
+    def class_of(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+def labelled_samples(config: Config, cache: FeatureCache) -> SampleSet:
+    """The config's images joined with its cache and split by content hash, as train and
+    load_features both see them; refused when extract has not seen every image yet."""
+    dataset = dataset_from_config(config)
+    cached = match_cached(dataset, cache)
+    require_complete(cached)
+    entries, conflicts = trainable(dataset, cached)
+    if not entries:
+        raise DatasetError(f"none of the {len(dataset.entries)} images can be used ({len(cached.failed)} could not "
+                           f"be read or decoded, {len(conflicts)} label conflict(s)); fix: see what `make extract` "
+                           "lists and warns about")
+    splits = assign_splits(entries, cached.keys, val_percent=config.data.val_percent,
+                           test_percent=config.data.test_percent)
+    samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
+               for e in entries if e.relpath in splits]
+    labels = sorted({e.label for e in entries if e.label is not None})
+    return SampleSet(samples, labels, conflicts, len(cached.failed), list(dataset.warnings))
+
+
+@dataclass
+class Split:
+    """One split's cached features: X (n, d) float32, y (n,) class indices, and the images they are."""
+    X: np.ndarray
+    y: np.ndarray
+    samples: list[dict]
+
+
+@dataclass
+class Features:
+    """Per split, the features a head trains and is scored on, as train and report read them."""
+    labels: list[str]
+    splits: dict[str, Split]
+    root: Path  # the dataset folder that samples' "image" paths are relative to
+
+    def __getitem__(self, split: str) -> Split:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(f"no {split!r} split here; this dataset has {', '.join(self.splits)}") from None
+
+
+def load_features(config: Config, splits: Iterable[str] = ("train", "val", "test")) -> Features:
+    """Every labelled image's cached features per split, in memory: what a notebook fits
+    scikit-learn estimators on (the heads included). Rows are clean features, or with
+    head.tta = "flip" each averaged with its mirror's, as the report scores them. Splits
+    without images are left out. Reads the cache only: run `extract` first."""
+    with open_cache(config) as cache:
+        found = labelled_samples(config, cache)
+        class_of = found.class_of()
+        result = {}
+        for split in splits:
+            chosen = [s for s in found.samples if s["split"] == split and s["label"] is not None]
+            if chosen:
+                X = scoring_features(cache, [s["key"] for s in chosen], config.head.tta)
+                result[split] = Split(X, np.array([class_of[s["label"]] for s in chosen]), chosen)
+    return Features(found.labels, result, Path(config.data.root))
 
 
 CHUNK_ROWS = 8192  # rows per read when streaming a split: 40 MiB of float32 at 1,280-d

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import augment, backbones, execution, images
+from . import augment, backbones, execution, images, stages
 from .cache import FeatureCache
 from .config import BackboneConfig
 from .data_issues import novelty_for_run
@@ -61,7 +61,7 @@ class PredictResult:
     run_dir: Path
     labels: list[str]
     predictions: list[Prediction]
-    out_path: Path
+    out_path: Path | None  # the JSON lines file, once written
     threshold: float | None
     seconds: float
     novelty_threshold: float | None = None  # set when --unfamiliar maps images past it to "unknown"
@@ -81,19 +81,34 @@ class PredictResult:
             unfamiliar = sum(p.novelty is not None and p.novelty > self.novelty_threshold for p in scored)
             lines.append(f"unfamiliar: {unfamiliar} image(s) unlike the training images (novelty above "
                          f"{self.novelty_threshold:.4g}, calibrated on validation images) are {UNKNOWN!r}")
-        lines.append(f"predictions: {self.out_path}")
+        if self.out_path is not None:
+            lines.append(f"predictions: {self.out_path}")
         return "\n".join(lines)
 
 
 def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None = None, out_path: Path | None = None,
                 progress: bool = True, make_extractor: Callable | None = None,
                 unfamiliar: bool = False) -> PredictResult:
-    """Score images; each gets its novelty score, and with `unfamiliar` those past the run's
-    novelty threshold (novelty.h5, as in report/data_issues.json) become "unknown"."""
+    """The predict stage: score the images and write them as JSON lines (default:
+    `<run>/predictions/<time>.jsonl`)."""
+    result = predict(run_dir, inputs, threshold=threshold, progress=progress, make_extractor=make_extractor,
+                     unfamiliar=unfamiliar)
+    result.out_path = (Path(out_path) if out_path
+                       else result.run_dir / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    write_predictions(result.out_path, result.predictions, result.labels)
+    return result
+
+
+def predict(run: Run | Path | str, inputs: Sequence[str | Path], *, threshold: float | None = None,
+            progress: bool = True, make_extractor: Callable | None = None, unfamiliar: bool = False) -> PredictResult:
+    """Score image files, folders or glob patterns with a run, in memory; each gets its novelty
+    score, and with `unfamiliar` those past the run's novelty threshold (novelty.h5, as in
+    report/data_issues.json) become "unknown"."""
     started = time.perf_counter()
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
-    run = load_run(run_dir)
+    run = run if isinstance(run, Run) else load_run(run)
+    inputs = [str(spec) for spec in inputs]
     record = whole_model(run.info)
     paths = find_images(inputs)
     predictions = [Prediction(str(path)) for path in paths]
@@ -122,9 +137,7 @@ def run_predict(run_dir: Path, inputs: Sequence[str], *, threshold: float | None
             prediction.probabilities = row
             prediction.novelty = None if score is None else round(float(score), 4)
             prediction.label = UNKNOWN if below or strange else run.labels[best]
-    out_path = Path(out_path) if out_path else run.dir / "predictions" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    write_predictions(out_path, predictions, run.labels)
-    return PredictResult(run.dir, run.labels, predictions, out_path, threshold, time.perf_counter() - started,
+    return PredictResult(run.dir, run.labels, predictions, None, threshold, time.perf_counter() - started,
                          novelty.threshold if unfamiliar and novelty is not None else None)
 
 
@@ -322,3 +335,6 @@ def held_out_effect(run_dir: Path, threshold: float) -> str:
     accuracy = "n/a" if point["accuracy"] is None else f"{point['accuracy']:.3f}"
     return (f" (on the report's {metrics['split']} split, threshold {point['threshold']} kept {point['coverage']:.0%} "
             f"of images at accuracy {accuracy}; see threshold_curve in {metrics_path})")
+
+
+stages.callable_module(__name__, "pipeline.predict:predict")  # `from pipeline import predict; predict(...)`

@@ -15,6 +15,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, balanced_accuracy_score, classification_report,
                              confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score)
 
+from . import stages
+
 UNKNOWN = "unknown"
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 _NAME_WIDTH = 18  # class names longer than this are cut in the text table and on the figure's axes
@@ -182,3 +184,6 @@ def format_summary(metrics: dict) -> str:
     if "data_issues" in metrics.get("context", {}):
         lines.append(metrics["context"]["data_issues"]["summary"])
     return "\n".join([*lines, "", metrics["classification_report"].rstrip()])
+
+
+stages.callable_module(__name__, "pipeline.evaluate:report")  # `from pipeline import report; report(run)`

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -23,11 +24,37 @@ from .errors import PipelineError
 
 @dataclass
 class Run:
+    """A trained run, opened from its directory: `Run.open("runs/flowers5/<run>")`."""
     dir: Path
-    config: Config
-    labels: list[str]
-    samples: list[dict]
-    info: dict
+    config: Config  # the resolved config it was trained with
+    labels: list[str]  # class names, in the order of the head's outputs
+    samples: list[dict]  # every image used: {"image", "key", "label", "split"}
+    info: dict  # run.json: head kind, chosen parameters, fingerprint, cache file, counts, timings
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "Run":
+        return load_run(Path(directory))
+
+    @functools.cached_property
+    def head(self):
+        """The trained model as a `heads.Head` (features in; pixels in for whole-model kinds)."""
+        from .heads import load_head
+
+        return load_head(self.info["head"], self.dir)
+
+    @property
+    def metrics(self) -> dict | None:
+        """What the report stage measured (report/metrics.json); None before `make report`."""
+        path = self.dir / "report" / "metrics.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    @property
+    def backbone(self):
+        """The backbones.BackboneSpec whose features it was trained on; None for a model without one."""
+        from . import backbones
+
+        name = (self.info.get("fingerprint") or {}).get("backbone")
+        return backbones.get_spec(name) if name else None
 
 
 def new_run_dir(config: Config, model: str = "") -> Path:

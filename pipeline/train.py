@@ -12,25 +12,26 @@ from pathlib import Path
 
 import numpy as np
 
-from . import augment
+from . import augment, stages
 from .config import Config
-from .dataset import assign_splits
 from .errors import DatasetError
-from .features import (FeatureRows, dataset_from_config, match_cached, open_cache, require_complete,
-                       scoring_features, trainable, training_views)
+from .features import FeatureRows, labelled_samples, open_cache, scoring_features, training_views
 from .heads import make_head
 from .runs import new_run_dir, save_run
 
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    head: object
+    head: object  # fitted, a heads.Head
     labels: list[str]
     split_sizes: dict[str, int]
     val_accuracy: float
     seconds: float
+    samples: list[dict] = field(default_factory=list)  # every image used, with its key, label and split
+    info: dict = field(default_factory=dict)  # what run.json records
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts
+    config: Config | None = None
+    run_dir: Path | None = None  # set once saved
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {v}" for k, v in self.split_sizes.items())
@@ -38,26 +39,31 @@ class TrainResult:
         return (f"train: {self.head.kind} head on {len(self.labels)} classes ({sizes}); chosen {params}; "
                 f"validation accuracy {self.val_accuracy:.4f} ({self.seconds:.1f} s)\nrun: {self.run_dir}")
 
+    def save(self) -> Path:
+        """Write the run directory (`runs/<dataset>/<time>-<backbone>-<head>/`); returns it."""
+        self.run_dir = new_run_dir(self.config)
+        self.head.save(self.run_dir)
+        save_run(self.run_dir, self.config, self.labels, self.samples, self.info, self.head.history_)
+        return self.run_dir
+
 
 def run_train(config: Config) -> TrainResult:
+    """The train stage: fit the configured head and save it as a run directory."""
+    result = train(config)
+    result.save()
+    return result
+
+
+def train(config: Config, head=None) -> TrainResult:
+    """Fit a head (default: the one config.head describes) on the cached features, in memory;
+    `.save()` on the result writes it as a run directory."""
     started = time.perf_counter()
     warnings: list[str] = []
-    dataset = dataset_from_config(config)
     with open_cache(config) as cache:
-        cached = match_cached(dataset, cache)
-        require_complete(cached)
-        entries, conflicts = trainable(dataset, cached)
-        if not entries:
-            raise DatasetError(f"none of the {len(dataset.entries)} images can be used ({len(cached.failed)} could not "
-                               f"be read or decoded, {len(conflicts)} label conflict(s)); fix: see what `make extract` "
-                               "lists and warns about")
-        splits = assign_splits(entries, cached.keys, val_percent=config.data.val_percent,
-                               test_percent=config.data.test_percent)
-        labels = sorted({e.label for e in entries if e.label is not None})
-        class_of = {label: i for i, label in enumerate(labels)}
+        found = labelled_samples(config, cache)
+        samples, labels, conflicts = found.samples, found.labels, found.conflicts
+        class_of = found.class_of()
         rows = cache.row_index()
-        samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
-                   for e in entries if e.relpath in splits]
         data, keys = {}, {}
         for split in ("train", "val"):
             chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
@@ -75,7 +81,7 @@ def run_train(config: Config) -> TrainResult:
                                                                if s["split"] == "train" and s["label"] is not None]),
                                view_indices) if view_indices else None
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
-    head = make_head(config.head)
+    head = head if head is not None else make_head(config.head)
     if views is not None and not getattr(head, "learns_from_views", False):
         warnings.append(f"head.kind = {head.kind!r} does not use augmented views; fix: use head.kind = \"logreg\" "
                         "to let validation decide whether views help")
@@ -88,14 +94,15 @@ def run_train(config: Config) -> TrainResult:
     val_accuracy = correct / len(val_y)
     split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
-    run_dir = new_run_dir(config)
-    head.save(run_dir)
     info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
-            "failed_images": len(cached.failed), "label_conflicts": conflicts, "fingerprint": fingerprint,
+            "failed_images": found.failed, "label_conflicts": conflicts, "fingerprint": fingerprint,
             "cache": cache_file, "dataset": config.dataset_name, "train_seconds": seconds,
             "features": {"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
                          "views_used": len(views[1]) if views else 0, "view_recipe": augment.RECIPE.fingerprint_id(),
                          "tta": config.head.tta},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    save_run(run_dir, config, labels, samples, info, head.history_)
-    return TrainResult(run_dir, head, labels, split_sizes, val_accuracy, seconds, dataset.warnings + conflicts + warnings)
+    return TrainResult(head, labels, split_sizes, val_accuracy, seconds, samples, info,
+                       found.warnings + conflicts + warnings, config)
+
+
+stages.callable_module(__name__, "pipeline.train:train")  # `from pipeline import train; train(...)`
