@@ -24,7 +24,7 @@ from .errors import DatasetError
 from .features import CachedImages, dataset_from_config, trainable
 from .html_report import conflict_groups
 from .pixel_models import decode_images, model_record
-from .runs import new_run_dir, save_run
+from .runs import Sample, new_run_dir, save_run
 
 FROM_SCRATCH = "scratch_cnn"  # run.json "head" of a baseline run, which also says "from_scratch": true
 
@@ -75,21 +75,21 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
     entries, conflict_warnings = trainable(dataset, CachedImages(keys, failed, []))  # as train leaves them out
     splits = assign_splits(entries, keys, val_percent=config.data.val_percent, test_percent=config.data.test_percent)
     labels = sorted({entry.label for entry in entries if entry.label is not None})
-    samples = [{"image": e.relpath, "key": keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
+    samples = [Sample(e.relpath, keys[e.relpath], e.label, splits[e.relpath])
                for e in entries if e.relpath in splits]
     class_of = {label: i for i, label in enumerate(labels)}
     data = {}
     for split in ("train", "val"):
-        chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
+        chosen = [s for s in samples if s.split == split and s.label is not None]
         if not chosen:
             raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
-        data[split] = (np.stack([decoded[s["image"]][1] for s in chosen]),
-                       np.array([class_of[s["label"]] for s in chosen]))
+        data[split] = (np.stack([decoded[s.image][1] for s in chosen]),
+                       np.array([class_of[s.label] for s in chosen]))
     del decoded
     model, history = train_cnn(*data["train"], *data["val"], n_classes=len(labels), settings=settings,
                                progress=progress)
     best = min(history, key=lambda h: h["val_loss"])
-    split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
+    split_sizes = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
     run_dir = new_run_dir(config, "scratch-cnn")  # beside the transfer runs
     record = model_record(settings.image_size)

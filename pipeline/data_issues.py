@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import InspectConfig
 from .errors import PipelineError
+from .runs import Sample
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class DataIssues:
     projection: np.ndarray | None = None  # one 2-D point per sample, in sample order
     novelty_scores: np.ndarray | None = None  # one per sample, in sample order
     seconds: dict = field(default_factory=dict)
-    samples: list[dict] = field(default_factory=list)  # the run's samples the lists and arrays refer to
+    samples: list[Sample] = field(default_factory=list)  # the run's samples the lists and arrays refer to
     not_inspected: str = ""  # why the features cannot tell anything about the data (then every list is empty)
 
     @classmethod
@@ -355,7 +356,7 @@ class MapStore:
 
 # ---------------------------------------------------------------- the whole analysis
 
-def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequence[str], *,
+def inspect_features(features: np.ndarray, samples: Sequence[Sample], labels: Sequence[str], *,
                      settings: InspectConfig, C: float, scored_split: str, project: bool = True,
                      novelty: NoveltyModel | None = None, maps: MapStore | None = None,
                      fingerprint: dict | None = None) -> tuple[DataIssues, NoveltyModel]:
@@ -369,17 +370,17 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    images = [s["image"] for s in samples]
-    splits = [s["split"] for s in samples]
+    images = [s.image for s in samples]
+    splits = [s.split for s in samples]
     class_of = {label: i for i, label in enumerate(labels)}
-    train_rows = np.array([i for i, s in enumerate(samples) if s["split"] == "train" and s["label"] is not None])
-    val_rows = np.array([i for i, s in enumerate(samples) if s["split"] == "val" and s["label"] is not None])
+    train_rows = np.array([i for i, s in enumerate(samples) if s.split == "train" and s.label is not None])
+    val_rows = np.array([i for i, s in enumerate(samples) if s.split == "val" and s.label is not None])
     if not len(train_rows) or not len(val_rows):
         raise PipelineError("data inspection needs labeled train and val images in the run")
 
     # 1. label errors on train + val, from out-of-fold probabilities
     known = np.concatenate([train_rows, val_rows])
-    y = np.array([class_of[samples[i]["label"]] for i in known])
+    y = np.array([class_of[samples[i].label] for i in known])
     smallest = np.bincount(y, minlength=len(labels))[np.unique(y)].min()
     folds = int(min(settings.folds, smallest))
     label_issues: list[LabelIssue] = []
@@ -404,7 +405,7 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
         novelty = NoveltyModel.fit(features[train_rows], y[:len(train_rows)], features[val_rows],
                                    quantile=settings.unfamiliar_quantile)
     scores = novelty.scores(features)
-    chosen = [i for i, s in enumerate(samples) if s["split"] == scored_split or s["label"] is None]
+    chosen = [i for i, s in enumerate(samples) if s.split == scored_split or s.label is None]
     unfamiliar = sorted((Unfamiliar(images[i], round(float(scores[i]), 4)) for i in chosen
                          if scores[i] > novelty.threshold), key=lambda u: (-u.score, u.image))
     timings["unfamiliar"] = time.perf_counter() - started
@@ -417,8 +418,8 @@ def inspect_features(features: np.ndarray, samples: Sequence[dict], labels: Sequ
         projection = np.full((len(samples), 2), np.nan)
         points = map_id = None
         if maps is not None and fingerprint is not None:
-            map_id = maps.map_id(fingerprint, [samples[i]["key"] for i in shown],
-                                 [samples[i]["key"] for i in train_rows], settings.seed)
+            map_id = maps.map_id(fingerprint, [samples[i].key for i in shown],
+                                 [samples[i].key for i in train_rows], settings.seed)
             points = maps.load(map_id, len(shown))
         reused = points is not None
         if not reused:
@@ -459,8 +460,8 @@ def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
     samples = run.samples
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
-        present = [s for s in samples if s["key"] in rows]
-        features = cache.read_features([rows[s["key"]] for s in present])
+        present = [s for s in samples if s.key in rows]
+        features = cache.read_features([rows[s.key] for s in present])
     C = float(run.info.get("params", {}).get("C", 1.0))  # the logreg head's choice; 1.0 for other heads
     issues, novelty = inspect_features(features, present, run.labels, settings=run.config.inspect, C=C,
                                        scored_split=scored_split, project=project,
@@ -492,16 +493,16 @@ def novelty_for_run(run) -> NoveltyModel:
     if path.is_file():
         return NoveltyModel.load(path)
     class_of = {label: i for i, label in enumerate(run.labels)}
-    chosen = {split: [s for s in run.samples if s["split"] == split and s["label"] is not None]
+    chosen = {split: [s for s in run.samples if s.split == split and s.label is not None]
               for split in ("train", "val")}
     try:
         with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
             rows = cache.row_index()
-            features = {split: cache.read_features([rows[s["key"]] for s in group]) for split, group in chosen.items()}
+            features = {split: cache.read_features([rows[s.key] for s in group]) for split, group in chosen.items()}
     except (KeyError, OSError) as exc:
         raise PipelineError(f"run {run.dir}: the novelty threshold needs the run's cached training features, and "
                             f"they cannot be read ({exc}); fix: run `make extract` and `make train` again") from None
-    y = np.array([class_of[s["label"]] for s in chosen["train"]])
+    y = np.array([class_of[s.label] for s in chosen["train"]])
     model = NoveltyModel.fit(features["train"], y, features["val"], quantile=run.config.inspect.unfamiliar_quantile)
     model.save(path)
     return model

@@ -21,14 +21,14 @@ from .heads import load_head
 from .html_report import conflict_groups, write_html_report
 from .pixel_models import predict_samples, whole_model
 from .report import compute_metrics, write_report
-from .runs import Run, load_run
+from .runs import Run, Sample, load_run
 
 
-def held_out(run: Run) -> tuple[str, list[dict]]:
+def held_out(run: Run) -> tuple[str, list[Sample]]:
     """The split a run is reported on (test, else val) and its samples, unlabeled images included."""
-    has_test = any(s["split"] == "test" and s["label"] is not None for s in run.samples)
+    has_test = any(s.split == "test" and s.label is not None for s in run.samples)
     split = "test" if has_test else "val"
-    return split, [s for s in run.samples if s["split"] == split or s["label"] is None]
+    return split, [s for s in run.samples if s.split == split or s.label is None]
 
 
 def report(run: Run | Path | str) -> dict:
@@ -41,7 +41,7 @@ def report(run: Run | Path | str) -> dict:
         probabilities = predict_samples(run, chosen, dataset.root if dataset else None)
     else:
         probabilities = _score_cached(run, chosen)[0]
-    metrics = compute_metrics(run.labels, [s["label"] for s in chosen], probabilities)
+    metrics = compute_metrics(run.labels, [s.label for s in chosen], probabilities)
     return {**metrics, "split": split}
 
 
@@ -71,7 +71,7 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     if issues is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         context["data_issues"] = {"summary": issues.summary(), "file": str(issues.write(out_dir))}
-    images, true_labels = [s["image"] for s in chosen], [s["label"] for s in chosen]
+    images, true_labels = [s.image for s in chosen], [s.label for s in chosen]
     metrics = write_report(out_dir, labels=run.labels, images=images, true_labels=true_labels,
                            probabilities=probabilities, split=split, context=context)
     write_html_report(out_dir / "report.html", run=run, metrics=metrics, images=images, true_labels=true_labels,
@@ -80,16 +80,16 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     return out_dir, metrics
 
 
-def _score_cached(run: Run, chosen: list[dict]):
+def _score_cached(run: Run, chosen: list[Sample]):
     """The head's probabilities on the chosen images' cached features, what extracting them cost, and
     every cached file's content hash (to find images filed under two labels)."""
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
-        gone = [s["image"] for s in chosen if s["key"] not in rows]
+        gone = [s.image for s in chosen if s.key not in rows]
         if gone:
             raise CacheError(f"{len(gone)} image(s) of run {run.dir} are no longer in {cache.path} (e.g. {gone[0]}; "
                              "was it rebuilt?); fix: run `make extract` then `make train` again")
-        features = scoring_features(cache, [s["key"] for s in chosen], run.config.head.tta)
+        features = scoring_features(cache, [s.key for s in chosen], run.config.head.tta)
         extract_timing = cache.extract_timing()
         file_keys = {path: record.key for path, record in cache.file_index().items()}
     return load_head(run.info["head"], run.dir).predict_proba(features), extract_timing, file_keys

@@ -40,7 +40,7 @@ from .features import dataset_from_config, scoring_features
 from .heads import load_head
 from .pixel_models import load_model, predict_pixels, whole_model
 from .predict import run_backbone
-from .runs import Run, load_run
+from .runs import Run, Sample, load_run
 
 PARITY_TOLERANCE = 1e-4  # float32 throughout; a float16 cache or bfloat16 backbone rounds more
 _LOOSE_TOLERANCE = 1e-2
@@ -195,9 +195,9 @@ def write_saved_model(model, labels: list[str], size: int, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
 
 
-def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[dict]]:
+def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[Sample]]:
     """Up to 16 held-out images still on disk and unchanged, as (name, file bytes), and their samples."""
-    held_out = [s for s in run.samples if s["split"] != "train"]
+    held_out = [s for s in run.samples if s.split != "train"]
     try:
         paths = {entry.relpath: entry.path for entry in dataset_from_config(run.config).entries}
     except PipelineError:  # the dataset moved: nothing to compare against
@@ -205,10 +205,10 @@ def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[dict]]:
     chosen, samples = [], []
     for sample in held_out:
         try:
-            samples.append((sample["image"], paths[sample["image"]].read_bytes()))
+            samples.append((sample.image, paths[sample.image].read_bytes()))
         except (KeyError, OSError):
             continue
-        if images.content_hash(samples[-1][1]) != sample["key"]:  # edited since training
+        if images.content_hash(samples[-1][1]) != sample.key:  # edited since training
             samples.pop()
             continue
         chosen.append(sample)
@@ -217,12 +217,12 @@ def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[dict]]:
     return samples, chosen
 
 
-def _cached_probabilities(run: Run, head, chosen: list[dict]) -> np.ndarray | None:
+def _cached_probabilities(run: Run, head, chosen: list[Sample]) -> np.ndarray | None:
     """The report's probabilities for a head run's samples: their cached features through the head."""
     if not chosen or not Path(run.info["cache"]).is_file():
         return None
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
-        features = scoring_features(cache, [s["key"] for s in chosen], run.config.head.tta)
+        features = scoring_features(cache, [s.key for s in chosen], run.config.head.tta)
     return head.predict_proba(features)
 
 

@@ -19,6 +19,7 @@ from .cache import FeatureCache, cache_path
 from .config import Config
 from .dataset import Dataset, ImageEntry, assign_splits, discover, shown
 from .errors import CacheError, DatasetError
+from .runs import Sample
 
 
 def dataset_from_config(config: Config) -> Dataset:
@@ -106,7 +107,7 @@ def trainable(dataset: Dataset, cached: CachedImages) -> tuple[list[ImageEntry],
 @dataclass
 class SampleSet:
     """What train learns from: every usable image with its content hash, label and split, and the classes."""
-    samples: list[dict]  # {"image", "key", "label", "split"}, as samples.jsonl stores them
+    samples: list[Sample]  # as samples.jsonl stores them
     labels: list[str]  # class names, in the order of a head's outputs
     conflicts: list[str]  # one warning per image filed under two labels (left out)
     failed: int  # images that could not be decoded
@@ -129,8 +130,8 @@ def labelled_samples(config: Config, cache: FeatureCache) -> SampleSet:
                            "lists and warns about")
     splits = assign_splits(entries, cached.keys, val_percent=config.data.val_percent,
                            test_percent=config.data.test_percent)
-    samples = [{"image": e.relpath, "key": cached.keys[e.relpath], "label": e.label, "split": splits[e.relpath]}
-               for e in entries if e.relpath in splits]
+    samples = [Sample(e.relpath, cached.keys[e.relpath], e.label, splits[e.relpath]) for e in entries
+               if e.relpath in splits]
     labels = sorted({e.label for e in entries if e.label is not None})
     return SampleSet(samples, labels, conflicts, len(cached.failed), list(dataset.warnings))
 
@@ -140,7 +141,7 @@ class Split:
     """One split's cached features: X (n, d) float32, y (n,) class indices, and the images they are."""
     X: np.ndarray
     y: np.ndarray
-    samples: list[dict]
+    samples: list[Sample]
 
 
 @dataclass
@@ -167,10 +168,10 @@ def load_features(config: Config, splits: Iterable[str] = ("train", "val", "test
         class_of = found.class_of()
         result = {}
         for split in splits:
-            chosen = [s for s in found.samples if s["split"] == split and s["label"] is not None]
+            chosen = [s for s in found.samples if s.split == split and s.label is not None]
             if chosen:
-                X = scoring_features(cache, [s["key"] for s in chosen], config.head.tta)
-                result[split] = Split(X, np.array([class_of[s["label"]] for s in chosen]), chosen)
+                X = scoring_features(cache, [s.key for s in chosen], config.head.tta)
+                result[split] = Split(X, np.array([class_of[s.label] for s in chosen]), chosen)
     return Features(found.labels, result, Path(config.data.root))
 
 

@@ -119,10 +119,10 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
     class_of = {label: i for i, label in enumerate(start.labels)}
     data = {}
     for split in ("train", "val"):
-        chosen = [s for s in start.samples if s["split"] == split and s["label"] is not None]
+        chosen = [s for s in start.samples if s.split == split and s.label is not None]
         pixels = sample_pixels(start, chosen, image_root, spec.input_size, config=start.config, progress=progress,
                                fix="run `make extract` and `make train` again, then fine-tune that run")
-        data[split] = (pixels, np.array([class_of[s["label"]] for s in chosen]))
+        data[split] = (pixels, np.array([class_of[s.label] for s in chosen]))
 
     keras.utils.set_random_seed(settings.seed)
     backbone = backbones.build_model(backbone_config)

@@ -131,15 +131,15 @@ def _map_section(issues: DataIssues, labels: Sequence[str], image_root: Path | N
     class_of = {label: i for i, label in enumerate(labels)}
     suspects = {issue.image for issue in issues.label_issues}
     unfamiliar = {item.image for item in issues.unfamiliar}
-    splits = sorted({samples[i]["split"] for i in shown})
-    atlas_uri = _atlas([samples[i]["image"] for i in shown], image_root)
+    splits = sorted({samples[i].split for i in shown})
+    atlas_uri = _atlas([samples[i].image for i in shown], image_root)
     points = []
     for tile, i in enumerate(shown):
         sample = samples[i]
-        flags = (1 if sample["image"] in suspects else 0) | (2 if sample["image"] in unfamiliar else 0)
+        flags = (1 if sample.image in suspects else 0) | (2 if sample.image in unfamiliar else 0)
         x, y = issues.projection[i]
-        points.append([round(float(x), 4), round(float(y), 4), class_of.get(sample["label"], -1), flags,
-                       splits.index(sample["split"]), sample["image"]])
+        points.append([round(float(x), 4), round(float(y), 4), class_of.get(sample.label, -1), flags,
+                       splits.index(sample.split), sample.image])
     data = {"labels": list(labels), "colours": class_colours(len(labels)), "splits": splits, "points": points,
             "tile": TILE_PX, "columns": ATLAS_COLUMNS, "atlas": atlas_uri is not None}
     legend = "".join(f'<button type="button" data-c="{k}"><i style="background:{colour}"></i>{esc(label)}</button>'

@@ -23,7 +23,7 @@ from .config import Config
 from .dataset import ImageEntry
 from .errors import DatasetError, ImageError, PipelineError
 from .images import read_and_decode
-from .runs import Run
+from .runs import Run, Sample
 
 MODEL_FILE = "model.keras"
 PREDICT_BATCH = 64
@@ -114,7 +114,7 @@ def decode_images(entries: Sequence[ImageEntry], size: int, config: Config, *,
     return decoded, failed
 
 
-def sample_pixels(run: Run, samples: Sequence[dict], image_root: Path | None, size: int, *, config: Config,
+def sample_pixels(run: Run, samples: Sequence[Sample], image_root: Path | None, size: int, *, config: Config,
                   progress: bool = False, fix: str) -> np.ndarray:
     """uint8 pixels of a run's samples, re-read from the dataset folder and refused if any changed.
 
@@ -124,18 +124,18 @@ def sample_pixels(run: Run, samples: Sequence[dict], image_root: Path | None, si
     if image_root is None:
         raise DatasetError(f"the images of run {run.dir} are not where its config.toml says "
                            f"(data.root = {run.config.data.root}); fix: restore the folder, or {fix}")
-    entries = [ImageEntry(image_root / s["image"], s["image"], s["label"], s["split"]) for s in samples]
+    entries = [ImageEntry(image_root / s.image, s.image, s.label, s.split) for s in samples]
     decoded, failed = decode_images(entries, size, config, progress=progress)
-    changed = [s["image"] for s in samples if s["image"] in failed or decoded[s["image"]][0] != s["key"]]
+    changed = [s.image for s in samples if s.image in failed or decoded[s.image][0] != s.key]
     if changed:
         raise DatasetError(f"{len(changed)} image(s) of run {run.dir} are missing or changed since it was trained "
                            f"(e.g. {image_root / changed[0]}); fix: {fix}")
     if not samples:
         return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([decoded[s["image"]][1] for s in samples])
+    return np.stack([decoded[s.image][1] for s in samples])
 
 
-def predict_samples(run: Run, samples: Sequence[dict], image_root: Path | None, *,
+def predict_samples(run: Run, samples: Sequence[Sample], image_root: Path | None, *,
                     progress: bool = False) -> np.ndarray:
     """Class probabilities of a whole-model run for these samples, re-read from the dataset folder.
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -22,13 +23,29 @@ from .config import Config, load_config, to_toml
 from .errors import PipelineError
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One image a run used, as samples.jsonl stores it."""
+    image: str  # path relative to the dataset root
+    key: str  # SHA-256 of the file's bytes: its row in the cache, and what decided its split
+    label: str | None  # its class; None for an unlabeled image (scored, never counted)
+    split: str  # "train", "val" or "test"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Sample":
+        return cls(record["image"], record["key"], record["label"], record["split"])
+
+
 @dataclass
 class Run:
     """A trained run, opened from its directory: `Run.open("runs/flowers5/<run>")`."""
     dir: Path
     config: Config  # the resolved config it was trained with
     labels: list[str]  # class names, in the order of the head's outputs
-    samples: list[dict]  # every image used: {"image", "key", "label", "split"}
+    samples: list[Sample]  # every image used
     info: dict  # run.json: head kind, chosen parameters, fingerprint, cache file, counts, timings
 
     @classmethod
@@ -70,14 +87,14 @@ def new_run_dir(config: Config, model: str = "") -> Path:
     return candidate
 
 
-def save_run(directory: Path, config: Config, labels: list[str], samples: list[dict], info: dict,
+def save_run(directory: Path, config: Config, labels: list[str], samples: list[Sample], info: dict,
              history: list[dict]) -> None:
     (directory / "config.toml").write_text(to_toml(config), encoding="utf-8")
     (directory / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
     (directory / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     with open(directory / "samples.jsonl", "w", encoding="utf-8") as out:
         for sample in samples:
-            out.write(json.dumps(sample) + "\n")
+            out.write(json.dumps(sample.to_json()) + "\n")
     (directory / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")  # last: marks it complete
 
 
@@ -100,7 +117,8 @@ def load_run(directory: Path) -> Run:
     if not (directory / "run.json").is_file():
         raise PipelineError(f"{directory} is not a complete run directory (no run.json); fix: pass a folder "
                             "written by `make train`")
-    samples = [json.loads(line) for line in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    samples = [Sample.from_json(json.loads(line))
+               for line in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     return Run(directory, load_config(directory / "config.toml"),
                json.loads((directory / "labels.json").read_text(encoding="utf-8")), samples,
                json.loads((directory / "run.json").read_text(encoding="utf-8")))

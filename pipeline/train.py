@@ -17,7 +17,7 @@ from .config import Config
 from .errors import DatasetError
 from .features import FeatureRows, labelled_samples, open_cache, scoring_features, training_views
 from .heads import make_head
-from .runs import new_run_dir, save_run
+from .runs import Sample, new_run_dir, save_run
 
 
 @dataclass
@@ -27,7 +27,7 @@ class TrainResult:
     split_sizes: dict[str, int]
     val_accuracy: float
     seconds: float
-    samples: list[dict] = field(default_factory=list)  # every image used, with its key, label and split
+    samples: list[Sample] = field(default_factory=list)  # every image used, with its key, label and split
     info: dict = field(default_factory=dict)  # what run.json records
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts
     config: Config | None = None
@@ -66,19 +66,19 @@ def train(config: Config, head=None) -> TrainResult:
         rows = cache.row_index()
         data, keys = {}, {}
         for split in ("train", "val"):
-            chosen = [s for s in samples if s["split"] == split and s["label"] is not None]
+            chosen = [s for s in samples if s.split == split and s.label is not None]
             if not chosen:
                 raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
-            keys[split] = [s["key"] for s in chosen]
-            labels_of = [class_of[s["label"]] for s in chosen]
+            keys[split] = [s.key for s in chosen]
+            labels_of = [class_of[s.label] for s in chosen]
             if split == "val" and config.head.tta != "none":  # scored as the report will: clean and mirror
                 data[split] = scoring_features(cache, keys[split], config.head.tta), np.array(labels_of)
             else:
                 rows_of = FeatureRows.of(cache, [rows[key] for key in keys[split]], labels_of)
                 data[split] = rows_of, rows_of.labels
         view_indices = augment.wanted_views(config.augment.views, config.head.tta)
-        views = training_views(cache, keys["train"], np.array([class_of[s["label"]] for s in samples
-                                                               if s["split"] == "train" and s["label"] is not None]),
+        views = training_views(cache, keys["train"], np.array([class_of[s.label] for s in samples
+                                                               if s.split == "train" and s.label is not None]),
                                view_indices) if view_indices else None
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
     head = head if head is not None else make_head(config.head)
@@ -92,7 +92,7 @@ def train(config: Config, head=None) -> TrainResult:
     val_chunks = val_X.chunks() if isinstance(val_X, FeatureRows) else [(val_X, val_y)]
     correct = sum(int(np.sum(head.predict_proba(X).argmax(1) == y)) for X, y in val_chunks)
     val_accuracy = correct / len(val_y)
-    split_sizes = {split: sum(s["split"] == split for s in samples) for split in ("train", "val", "test")}
+    split_sizes = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
     info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
             "failed_images": found.failed, "label_conflicts": conflicts, "fingerprint": fingerprint,

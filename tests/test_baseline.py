@@ -61,11 +61,11 @@ def test_runs_with_early_stopping_and_keeps_the_best_epoch(baseline_run):
     assert len(history) <= min(EPOCHS, best + PATIENCE)  # stopped at most PATIENCE epochs past the best
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
     # the saved model is the best epoch's: scoring the val split again gives that epoch's accuracy
-    val = [s for s in (json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines())
-           if s["split"] == "val"]
-    probabilities = predict_samples(load_run(run_dir), val, Path(config.data.root))
+    run = load_run(run_dir)
+    val = [s for s in run.samples if s.split == "val"]
+    probabilities = predict_samples(run, val, Path(config.data.root))
     labels = json.loads((run_dir / "labels.json").read_text())
-    accuracy = np.mean([labels[p.argmax()] == s["label"] for p, s in zip(probabilities, val)])
+    accuracy = np.mean([labels[p.argmax()] == s.label for p, s in zip(probabilities, val)])
     assert accuracy == pytest.approx(history[best - 1]["val_accuracy"])
 
 

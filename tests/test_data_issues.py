@@ -2,6 +2,7 @@
 MobileNet v1 0.25 ImageNet features of real photos (flowers5, hymenoptera), scaled down to keep
 the suite lean."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -78,7 +79,7 @@ def latest_run_dir(runs):
 def _features(run):
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
-        return cache.read_features([rows[s["key"]] for s in run.samples])
+        return cache.read_features([rows[s.key] for s in run.samples])
 
 
 def test_moved_labels_are_among_the_top_suspects(flowers):
@@ -86,23 +87,24 @@ def test_moved_labels_are_among_the_top_suspects(flowers):
     run, _, _ = flowers
     features = _features(run)
     rng = np.random.default_rng(0)
-    train = [i for i, s in enumerate(run.samples) if s["split"] == "train"]
+    train = [i for i, s in enumerate(run.samples) if s.split == "train"]
     moved = rng.choice(train, len(train) // 20, replace=False)
-    samples = [dict(s) for s in run.samples]
+    samples = list(run.samples)
     for i in moved:
-        given = run.labels.index(samples[i]["label"])
-        samples[i]["label"] = run.labels[(given + rng.integers(1, len(run.labels))) % len(run.labels)]
+        given = run.labels.index(samples[i].label)
+        wrong = run.labels[(given + rng.integers(1, len(run.labels))) % len(run.labels)]
+        samples[i] = dataclasses.replace(samples[i], label=wrong)
     issues, _ = inspect_features(features, samples, run.labels, settings=run.config.inspect,
                                  C=run.info["params"]["C"], scored_split="val", project=False)
     top = [issue.image for issue in issues.label_issues[:2 * len(moved)]]
-    found = [run.samples[i]["image"] for i in moved if run.samples[i]["image"] in top]
+    found = [run.samples[i].image for i in moved if run.samples[i].image in top]
     assert len(found) >= 0.6 * len(moved), (len(found), len(moved))
     by_image = {issue.image: issue for issue in issues.label_issues}
     for i in moved:  # the suggestion for a found image is mostly its true class
-        if run.samples[i]["image"] in by_image:
-            assert by_image[run.samples[i]["image"]].given == samples[i]["label"]
-    right = sum(by_image[run.samples[i]["image"]].suggested == run.samples[i]["label"]
-                for i in moved if run.samples[i]["image"] in by_image)
+        if run.samples[i].image in by_image:
+            assert by_image[run.samples[i].image].given == samples[i].label
+    right = sum(by_image[run.samples[i].image].suggested == run.samples[i].label
+                for i in moved if run.samples[i].image in by_image)
     assert right >= 0.5 * len(found)
 
 
@@ -136,7 +138,7 @@ def test_unfamiliar_threshold_is_saved_and_predict_maps_ants_and_bees_to_unknown
     report = json.loads((run.dir / "report" / "data_issues.json").read_text())
     assert report["thresholds"]["unfamiliar"]["threshold"] == pytest.approx(model.threshold)
     features = _features(run)
-    val = np.array([s["split"] == "val" for s in run.samples])
+    val = np.array([s.split == "val" for s in run.samples])
     assert np.mean(model.scores(features[val]) > model.threshold) <= 0.05
     insects = sorted(hymenoptera.glob("val/*/*.jpg"))[::4]
     out = tmp_path / "insects.jsonl"
@@ -194,7 +196,7 @@ def test_the_large_set_index_finds_what_exact_search_finds(flowers):
     run, _, _ = flowers
     features = _features(run)
     vectors = FeatureSpace.fit(features).transform(features)
-    images, splits = [s["image"] for s in run.samples], [s["split"] for s in run.samples]
+    images, splits = [s.image for s in run.samples], [s.split for s in run.samples]
     exact, approximate = NeighbourIndex(vectors, exact_up_to=len(vectors)), NeighbourIndex(vectors, exact_up_to=0)
     assert exact.exact and not approximate.exact
     np.testing.assert_allclose(exact.search(vectors, 5)[0], approximate.search(vectors, 5)[0], atol=1e-5)

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.html_report import COUNTS_IN_CELLS_UP_TO, MAX_CONFIDENT, write_html_report
 from pipeline.report import write_report
-from pipeline.runs import Run
+from pipeline.runs import Run, Sample
 
 HOSTILE = "<img src=x onerror=alert(1)> & \"quotes\""  # a legal folder name that is also markup
 
@@ -82,8 +82,7 @@ def _synthetic_run(tmp_path, n_classes=120, n_images=600, history=None, head="de
     images = [f"{labels[t]}/{i}.png" for i, t in enumerate(truth)]
     for i, image in enumerate(images):
         write_image(tmp_path / "data" / image, seed=i, size=(40, 30))
-    samples = [{"image": image, "key": f"{i:064x}", "label": labels[t], "split": "test"}
-               for i, (image, t) in enumerate(zip(images, truth))]
+    samples = [Sample(image, f"{i:064x}", labels[t], "test") for i, (image, t) in enumerate(zip(images, truth))]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "history.json").write_text(json.dumps(history or []))
@@ -139,13 +138,13 @@ def test_hostile_names_cannot_end_the_data_script(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     labels = ["</script><script>alert(1)</script>", "b&b"]
-    samples = [{"image": f"{i}.png", "key": f"{i:064x}", "label": labels[i % 2], "split": "test"} for i in range(4)]
+    samples = [Sample(f"{i}.png", f"{i:064x}", labels[i % 2], "test") for i in range(4)]
     run = Run(run_dir, Config(), labels, samples, {"head": "logreg", "params": {"C": 1.0}, "dataset": "d"})
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])
-    truths = [s["label"] for s in samples]
-    metrics = write_report(run_dir / "report", labels=labels, images=[s["image"] for s in samples],
+    truths = [s.label for s in samples]
+    metrics = write_report(run_dir / "report", labels=labels, images=[s.image for s in samples],
                            true_labels=truths, probabilities=probabilities, split="test")
-    path = write_html_report(run_dir / "report.html", run=run, metrics=metrics, images=[s["image"] for s in samples],
+    path = write_html_report(run_dir / "report.html", run=run, metrics=metrics, images=[s.image for s in samples],
                              true_labels=truths, probabilities=probabilities, image_root=None, timings={})
     text = path.read_text()
     assert "</script><script>alert" not in text and text.count("<script") == 2

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
 def report_probabilities(run_dir, relpaths):
     """What the report computes: cached features through the saved head."""
     run = load_run(run_dir)
-    keys = {s["image"]: s["key"] for s in run.samples}
+    keys = {s.image: s.key for s in run.samples}
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
         rows = cache.row_index()
         features = cache.read_features([rows[keys[p]] for p in relpaths])
