@@ -411,13 +411,12 @@ def logreg_fit_time(n: int = 5000, dim: int = 256, classes: int = 97) -> dict:
     on a 97-class photo set (synthetic: non-negative, a few informative directions)."""
     from sklearn.datasets import make_classification
 
-    from .config import LogRegConfig
     from .heads.logreg import LogisticRegressionHead
 
     X, y = make_classification(n_samples=n + n // 8, n_features=dim, n_informative=80, n_redundant=40,
                                n_classes=classes, n_clusters_per_class=1, class_sep=3.0, random_state=0)
     X = np.maximum(X, 0).astype(np.float32)
-    head, wall, cpu = _timed(lambda: LogisticRegressionHead(LogRegConfig()).fit(X[:n], y[:n], X[n:], y[n:],
+    head, wall, cpu = _timed(lambda: LogisticRegressionHead().fit(X[:n], y[:n], X[n:], y[n:],
                                                                                 n_classes=classes))
     return {"shape": [n, dim, classes], "wall_s": wall, "cpu_s": cpu, "C": head.C_,
             "val_accuracy": max(h["val_accuracy"] for h in head.history_)}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .cache import FeatureCache
 from .config import Config, load_config
 from .errors import ConfigError, PipelineError
+from .heads import kind_of
 from .html_report import bar_cell, describe_model, esc, format_params, format_seconds, html_page, sortable_table
 
 # Without --vary: the logistic-regression head (its C is chosen on validation anyway) and a
@@ -37,7 +38,6 @@ DEFAULT_GRID: tuple[tuple[str, ...], ...] = (
 # keys a sweep may vary beyond head.*: it extracts what they need first (incremental: only what is missing)
 EXTRACTING_KEYS = ("augment.views", "backbone.pool_blocks")
 
-_SCRATCH_KEY_PARAMS = ("image_size", "best_epoch")
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,10 @@ LADDER = (
 
 def rung_of(info: dict) -> Rung:
     """The ladder step a run belongs to, from what its run.json records."""
-    if info.get("from_scratch"):
+    kind = kind_of(info["head"])
+    if not kind.transfer:
         return LADDER[0]
-    if info.get("finetuned_from"):
+    if kind.fine_tuned:
         return LADDER[4]
     features = info.get("features") or {}
     if features.get("tta", "none") != "none":
@@ -114,10 +115,11 @@ def compare_runs(config: Config) -> list[RunSummary]:
 def _summarise(run_dir: Path, extract_seconds: "_ExtractTimes") -> RunSummary:
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     features, head = describe_model(info)
-    scratch = bool(info.get("from_scratch"))
+    kind = kind_of(info["head"])
+    scratch = not kind.transfer
     params = info.get("params", {})
-    if scratch:  # the rest are the baseline's fixed recipe, in its report
-        params = {key: params.get(key) for key in _SCRATCH_KEY_PARAMS}
+    if kind.shown_params:  # the rest are a fixed recipe (the baseline's), in its report
+        params = {key: params.get(key) for key in kind.shown_params}
     extracted = info["extract_seconds"] if "extract_seconds" in info else extract_seconds.of(info.get("cache"))
     row = RunSummary(run_dir, features, head, format_params(params), scratch,
                      info.get("val_accuracy"), train_seconds=info.get("train_seconds"), extract_seconds=extracted,

@@ -139,20 +139,7 @@ def build_model(backbone_config, head, n_classes: int, backbone=None, tta: str =
         x = keras.layers.Average(name="flip_tta")([backbone(x, training=False), backbone(mirrored, training=False)])
     else:
         x = backbone(x, training=False)
-    if head.kind == "logreg":
-        if head.normalization_ == "sqrt":  # Keras operations in a functional graph: plain Keras loads them
-            x = keras.ops.sign(x) * keras.ops.sqrt(keras.ops.abs(x))
-        if head.normalization_ in ("l2", "sqrt"):
-            x = keras.layers.UnitNormalization(name="l2_normalise")(x)
-        # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
-        # (never under keras.config.epsilon(), which the layer divides by at least: the head floors it there)
-        scale = head.scale_.astype(np.float32)
-        x = keras.layers.Normalization(mean=head.mean_, variance=scale * scale, name="standardise")(x)
-        dense = keras.layers.Dense(n_classes, activation="softmax", name="probabilities")
-        x = dense(x)
-        dense.set_weights([head.coef_.T, head.intercept_])
-    else:
-        x = head.model_(x)
+    x = head.to_keras(x)  # the head's own layers, whatever its kind
     return keras.Model(inputs, x, name="classifier")
 
 

@@ -3,8 +3,9 @@
 Only what the cache lacks is computed. A file whose path, size and mtime match the index
 is not even re-read; a renamed or touched file is re-hashed but not re-decoded; only new
 content reaches the backbone. Decoding runs in a thread pool ahead of inference, so the
-backbone (which releases the GIL) is kept busy, and each batch is committed before the
-next, so a crash loses at most the batch in flight.
+backbone (which releases the GIL) is kept busy. Each batch is one journaled commit, written
+by a commit thread while the backbone computes the next batch (one commit in flight at a
+time, in order), so a crash loses at most the two batches in flight.
 """
 
 from __future__ import annotations
@@ -193,6 +194,14 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
     def is_known(key: str) -> bool:
         return key in added or key in known
 
+    in_flight = []  # the commit being written while the backbone runs: at most one
+    model = []  # the extractor, got once
+
+    def finish_commit():
+        """Wait for the commit in flight; its error, if any, is raised here as it was there."""
+        while in_flight:
+            in_flight.pop().result()
+
     def commit():
         if not (batch or pending_files or pending_failures):
             return
@@ -204,7 +213,10 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
         pixels = [fresh[key].image for key in keys] + [fresh[key].views[index] for key, index in view_ids]
         feature_rows = np.zeros((0, 0), np.float32)
         if pixels:  # in backbone batches: a photo with its views is more than one image
-            backbone, step = get_extractor(), config.backbone.batch_size
+            if not model:
+                finish_commit()  # getting the model may create the feature dataset: no commit may be writing
+                model.append(get_extractor())
+            backbone, step = model[0], config.backbone.batch_size
             feature_rows = np.concatenate([backbone(np.stack(pixels[start:start + step]))
                                            for start in range(0, len(pixels), step)])
             counts.backbone_batches += -(-len(pixels) // step)
@@ -215,8 +227,9 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
                                  [index for _, index in view_ids], feature_rows[len(keys):])
             views.done.update(view_ids)
             views.rows.update(keys)
-        sink.commit(keys, feature_rows[:len(keys)], files, pending_failures,
-                    **({"views": view_rows} if view_rows is not None else {}))
+        finish_commit()
+        in_flight.append(committer.submit(sink.commit, keys, feature_rows[:len(keys)], files, list(pending_failures),
+                                          **({"views": view_rows} if view_rows is not None else {})))
         added.update(fresh)
         added.update(key for key, _, _ in pending_failures)
         counts.extracted += len(keys)
@@ -224,7 +237,8 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
         counts.reused += sum(item.image is None for item in fresh.values())  # only views were missing
         batch.clear(), pending_files.clear(), pending_failures.clear()
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer, \
+            ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         for item in images.prefetch(pool, load, jobs, depth=4 * config.backbone.batch_size):
             if item.error is not None:
                 if not is_known(item.record.key):
@@ -244,6 +258,7 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
             if bar is not None and views is not None and views.wanted:
                 bar.set_postfix(views=counts.views_extracted, refresh=False)
         commit()
+        finish_commit()
     return counts
 
 

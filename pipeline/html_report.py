@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from .dataset import ImageEntry
 from .features import label_conflicts
+from .heads import kind_of
 from .runs import Run
 
 THUMBNAIL_PX = 128
@@ -138,12 +139,13 @@ def format_seconds(seconds: float | None) -> str:
 
 def describe_model(info: dict) -> tuple[str, str]:
     """(where the features came from, what was trained on them), for headlines and the comparison table."""
-    if info.get("from_scratch"):
+    kind = kind_of(info["head"])
+    if not kind.transfer:
         return "none (from scratch)", f"small CNN on {info['params'].get('image_size')} px images"
     fp = info.get("fingerprint") or {}
     alpha = f" α={fp['alpha']}" if fp.get("alpha") is not None else ""
     weights = str(fp.get("weights", "")).split(":", 1)[0]
-    if info.get("finetuned_from"):  # the backbone's top was trained with the head
+    if kind.fine_tuned:  # the backbone's top was trained with the head
         return f"{fp.get('backbone', '?')}{alpha} ({weights}, fine-tuned)", f"{info['finetuned_from']['head']}, fine-tuned"
     return f"{fp.get('backbone', '?')}{alpha} ({weights})", info.get("head", "?")
 
@@ -156,7 +158,7 @@ def format_params(params: dict) -> str:
 
 def _headline(run: Run, metrics: dict, timings: dict, alerts: Sequence[str] = ()) -> str:
     info = run.info
-    scratch = bool(info.get("from_scratch"))
+    scratch = not kind_of(info["head"]).transfer
     features, head = describe_model(info)
     badges = []
     if metrics["n_labeled"]:

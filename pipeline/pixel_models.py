@@ -2,9 +2,10 @@
 
 Their features are not in any cache (the from-scratch CNN has no backbone, and a fine-tuned
 backbone no longer computes what the frozen one cached), so every stage that scores them
-decodes the images and runs the whole model. A run says it is one of these in run.json:
+decodes the images and runs the whole model. Their kinds are registered in `heads.REGISTRY`
+with `takes_pixels`, and run.json says where the model is and what it takes:
 `"model": {"file": "model.keras", "input_size": N}`; `report`, `predict` and `export` go by
-that record, not by the name of the run's kind.
+those, not by the name of the run's kind.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .dataset import ImageEntry
-from .errors import DatasetError, ImageError
+from .errors import DatasetError, ImageError, PipelineError
 from .images import read_and_decode
 from .runs import Run
 
@@ -36,19 +37,46 @@ def model_record(input_size: int) -> dict:
 def whole_model(info: dict) -> dict | None:
     """The run's `model` record, or None for a head on cached features.
 
-    From-scratch runs written before the record existed say `from_scratch` and their image size.
+    From-scratch runs written before the record existed hold only their image size.
     """
-    if info.get("model"):
-        return info["model"]
-    if info.get("from_scratch"):
-        return model_record(info["params"]["image_size"])
-    return None
+    from .heads import kind_of
+
+    if not kind_of(info["head"]).takes_pixels:
+        return None
+    return info.get("model") or model_record(info["params"]["image_size"])
+
+
+class PixelModel:
+    """A run's whole model as a `heads.Head`: pixels (n, size, size, 3) in 0..255 in, probabilities out.
+    Trained by its own stage (`baseline`, `finetune`), never by `train`."""
+    kind = "pixels"
+
+    def __init__(self, model=None):
+        self.model_ = model
+
+    def fit(self, X, y, X_val=None, y_val=None, **options) -> "PixelModel":
+        raise PipelineError("a whole model (pixels in) is trained by its own stage; fix: use `make baseline` or "
+                            "`make finetune`")
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        return predict_pixels(self.model_, pixels)
+
+    def save(self, directory: Path) -> None:
+        self.model_.save(Path(directory) / MODEL_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> "PixelModel":
+        import keras
+
+        return cls(keras.saving.load_model(Path(directory) / MODEL_FILE, safe_mode=True))
+
+    def to_keras(self, pixels):
+        return self.model_(pixels)
 
 
 def load_model(run: Run):
-    import keras
-
-    return keras.saving.load_model(run.dir / whole_model(run.info)["file"], safe_mode=True)
+    """The run's whole Keras model (pixels in)."""
+    return PixelModel.load(run.dir).model_
 
 
 def predict_pixels(model, pixels: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import CacheWriter, FeatureCache, FileRecord
-from pipeline.config import DenseConfig, LogRegConfig
+from pipeline.config import LogRegConfig
 from pipeline.errors import DatasetError
 from pipeline.features import FeatureRows
 from pipeline.heads.dense import DenseHead
@@ -75,14 +75,14 @@ def test_heads_train_on_rows_read_from_the_cache_as_on_arrays(big_cache):
     train, val = splits(big_cache, np.random.default_rng(2))
     (X, y), (X_val, y_val) = train.read(), val.read()
     config = LogRegConfig(c_values=[0.1, 1.0])
-    from_cache = LogisticRegressionHead(config).fit(train, train.labels, val, val.labels)
+    from_cache = LogisticRegressionHead.from_config(config).fit(train, train.labels, val, val.labels)
     given = X.copy()
-    from_arrays = LogisticRegressionHead(config).fit(X, y, X_val, y_val)
+    from_arrays = LogisticRegressionHead.from_config(config).fit(X, y, X_val, y_val)
     np.testing.assert_array_equal(X, given)  # a caller's arrays are never standardised in place
     np.testing.assert_allclose(from_cache.coef_, from_arrays.coef_, rtol=1e-6, atol=1e-8)
     assert np.mean(from_cache.predict_proba(X_val).argmax(1) == y_val) > 0.95
 
-    dense = DenseHead(DenseConfig(epochs=4, patience=4, batch_size=128)).fit(train, train.labels, val, val.labels)
+    dense = DenseHead(epochs=4, patience=4, batch_size=128).fit(train, train.labels, val, val.labels)
     assert np.mean(dense.predict_proba(X_val).argmax(1) == y_val) > 0.95
     assert len(dense.history_) == 4 and all("val_loss" in epoch for epoch in dense.history_)
 

@@ -40,7 +40,9 @@ class CountingExtractor:
 
     def __init__(self, backbone):
         self.inner = KeptExtractor(backbone)
-        self.feature_dim = self.inner.feature_dim
+
+    def __getattr__(self, name):  # feature_dim, expect, ...: the real extractor's
+        return getattr(self.inner, name)
 
     def __call__(self, batch):
         CountingExtractor.images += len(batch)

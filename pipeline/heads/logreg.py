@@ -23,23 +23,30 @@ from ..config import LogRegConfig
 from ..errors import DatasetError
 from ..execution import usable_cores
 from ..features import FeatureRows
+from .base import FeatureHead
 
 FILE_NAME = "head.h5"
 _CHUNK_ROWS = 8192
 _CHAINS = 2  # warm-started chains of C values, fitted side by side
 
 
-class LogisticRegressionHead:
+class LogisticRegressionHead(FeatureHead):
+    """Each parameter is the `head.logreg` key of the same name (see LogRegConfig)."""
     kind = "logreg"
+    config_class = LogRegConfig
     learns_from_views = True
 
-    def __init__(self, config: LogRegConfig = LogRegConfig()):
-        self.config = config
-        self.normalization_, self.view_weight_ = "none", 0.0
+    def __init__(self, *, c_values=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 1000,
+                 normalizations=("none", "l2", "sqrt"), view_weights=(0.0, 0.3, 1.0), tol: float = 1e-4):
+        self.c_values = c_values
+        self.max_iter = max_iter
+        self.normalizations = normalizations
+        self.view_weights = view_weights
+        self.tol = tol
 
-    def fit(self, X: np.ndarray | FeatureRows, y: np.ndarray, X_val: np.ndarray | FeatureRows, y_val: np.ndarray,
-            n_classes: int | None = None, views: tuple[np.ndarray, np.ndarray] | None = None
-            ) -> "LogisticRegressionHead":
+    def fit(self, X: np.ndarray | FeatureRows, y: np.ndarray, X_val: np.ndarray | FeatureRows | None = None,
+            y_val: np.ndarray | None = None, n_classes: int | None = None,
+            views: tuple[np.ndarray, np.ndarray] | None = None) -> "LogisticRegressionHead":
         """Try each normalisation, view weight and C; keep the best on validation accuracy (then log
         loss; of equals, the simplest: normalisations in the order given, smaller weights, smaller C).
 
@@ -57,13 +64,15 @@ class LogisticRegressionHead:
         (on a busy 2-core machine two threads made a fit 7x slower than one). The chains do
         not depend on the core count, so the chosen C is the same on every machine.
         """
-        n_classes = n_classes or int(max(y.max(), y_val.max())) + 1
+        config = self.checked_config()
+        X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes)
+        n_classes = len(self.classes_)
         _check_memory(X, X_val)
         raw, y = _owned_float32(X, y)
         raw_val, y_val = _owned_float32(X_val, y_val)
-        weights = [0.0] if views is None else sorted(set(self.config.view_weights))
+        weights = [0.0] if views is None else sorted(set(config.view_weights))
         problems = []  # in the order of preference among equals
-        for normalization in dict.fromkeys(self.config.normalizations):
+        for normalization in dict.fromkeys(config.normalizations):
             Z, Z_val = (normalize(matrix, normalization) if normalization != "none" else matrix.copy()
                         for matrix in (raw, raw_val))  # standardised in place below: raw stays as read
             mean, variance = _moments(Z)
@@ -81,13 +90,13 @@ class LogisticRegressionHead:
                 else:
                     rows, labels, sample_weight = Z, y, None
                 problems.append((normalization, weight, mean, scale, rows, labels, sample_weight, Z_val))
-        c_values = sorted(self.config.c_values)
+        c_values = sorted(config.c_values)
         chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
 
         def fit_chain(job: tuple[int, list[float]]) -> list[tuple]:
             number, chain = job
             *_, rows, labels, sample_weight, Z_val = problems[number]
-            model = LogisticRegression(max_iter=self.config.max_iter, tol=self.config.tol, warm_start=True)
+            model = LogisticRegression(max_iter=config.max_iter, tol=config.tol, warm_start=True)
             fitted = []
             for c in chain:
                 model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
@@ -95,7 +104,7 @@ class LogisticRegressionHead:
                 proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
                 score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
                 fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
-                               model.classes_.copy()))
+                               model.classes_.copy(), model.n_iter_.copy()))
             return fitted
 
         jobs = [(number, chain) for number in range(len(problems)) for chain in chains]
@@ -106,7 +115,7 @@ class LogisticRegressionHead:
             fitted = sorted((fit for chain in pool.map(fit_chain, jobs) for fit in chain), key=lambda fit: fit[:2])
         self.history_ = [{"C": c, "normalization": problems[number][0], "view_weight": problems[number][1],
                           "val_accuracy": score[0], "val_log_loss": -score[1]} for number, c, score, *_ in fitted]
-        number, self.C_, _, coef, intercept, classes = max(fitted, key=lambda fit: fit[2])  # the first of equals
+        number, self.C_, _, coef, intercept, classes, self.n_iter_ = max(fitted, key=lambda fit: fit[2])  # first of equals
         self.normalization_, self.view_weight_, self.mean_, self.scale_ = problems[number][:4]
         self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
         return self
@@ -124,7 +133,7 @@ class LogisticRegressionHead:
         return out
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.logits(X)
+        z = self.logits(self._checked_rows(X))
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -137,12 +146,32 @@ class LogisticRegressionHead:
             f.attrs["normalization"] = self.normalization_
             f.attrs["view_weight"] = self.view_weight_
 
+    def to_keras(self, features):
+        """The head as stock Keras layers on a features tensor: the same normalisation, standardisation
+        and softmax, with the same numbers (what export puts behind the backbone)."""
+        import keras
+
+        x = features
+        if self.normalization_ == "sqrt":  # Keras operations in a functional graph: plain Keras loads them
+            x = keras.ops.sign(x) * keras.ops.sqrt(keras.ops.abs(x))
+        if self.normalization_ in ("l2", "sqrt"):
+            x = keras.layers.UnitNormalization(name="l2_normalise")(x)
+        # squared in float32, so that the layer's float32 square root gives back exactly the stored scale
+        # (never under keras.config.epsilon(), which the layer divides by at least: the head floors it there)
+        scale = self.scale_.astype(np.float32)
+        x = keras.layers.Normalization(mean=self.mean_, variance=scale * scale, name="standardise")(x)
+        dense = keras.layers.Dense(len(self.intercept_), activation="softmax", name="probabilities")
+        x = dense(x)
+        dense.set_weights([self.coef_.T, self.intercept_])
+        return x
+
     @classmethod
     def load(cls, directory: Path) -> "LogisticRegressionHead":
         head = cls()
         with h5py.File(Path(directory) / FILE_NAME, "r") as f:
             for name in ("mean_", "scale_", "coef_", "intercept_"):
                 setattr(head, name, f[name.rstrip("_")][...])
+            head.classes_, head.n_features_in_ = np.arange(len(head.intercept_)), head.mean_.shape[0]
             head.C_ = float(f.attrs["C"])
             head.normalization_ = str(f.attrs.get("normalization", "none"))  # heads saved before it existed: none
             head.view_weight_ = float(f.attrs.get("view_weight", 0.0))
