@@ -461,7 +461,7 @@ def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
 
     reason = features_say_nothing(run.info["fingerprint"])
     if reason:
-        log.warning("data not inspected: %s", reason)
+        log.info("data not inspected: %s", reason)  # the summary line says it on the terminal
         return DataIssues.skipped(reason, scored_split)
     samples = run.samples
     with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
