@@ -311,7 +311,10 @@ class _Clocked:
     """The extractor, timed: how much of extract's wall time the backbone was running."""
 
     def __init__(self, extractor):
-        self.extractor, self.feature_dim, self.seconds = extractor, extractor.feature_dim, 0.0
+        self.extractor, self.seconds = extractor, 0.0
+
+    def __getattr__(self, name):  # feature_dim, expect, description: the extractor's own
+        return getattr(self.extractor, name)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         features, wall, _ = _timed(lambda: self.extractor(batch))

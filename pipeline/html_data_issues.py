@@ -64,17 +64,21 @@ def _gallery_section(title: str, counts: str, note: str, gallery_id: str, cards:
     return f'<section><h2>{title} <small>{counts}</small></h2><p class="note">{esc(note)}{more}</p>{gallery}</section>'
 
 
+def _image_card(thumbs: Thumbnails, image: str, caption: str) -> str:
+    """One image's card: its thumbnail, then `caption` (HTML, already escaped) and its file name."""
+    return (f'<figure class="card">{thumbs.tag(image)}<figcaption>{caption}'
+            f'<div class="path" title="{esc(image)}">{esc(image)}</div></figcaption></figure>')
+
+
 def _label_issues_section(issues: DataIssues, thumbs: Thumbnails) -> str:
     found = issues.label_issues
     method = issues.thresholds["label_issues"]
     note = (f"Train and validation images whose given label the features disagree with: confident learning (cleanlab) on "
             f"{method['folds']}-fold out-of-fold probabilities of a logistic-regression head, least likely label "
             "first. Check each photo and fix its folder; train again (nothing is re-extracted).")
-    cards = [f'<figure class="card">{thumbs.tag(issue.image)}<figcaption>'
-             f'<div>given: <s>{esc(issue.given)}</s></div><div>suggested: <b>{esc(issue.suggested)}</b></div>'
-             f'<div class="muted">score {issue.score:.3f}</div>'
-             f'<div class="path" title="{esc(issue.image)}">{esc(issue.image)}</div></figcaption></figure>'
-             for issue in found[:MAX_LABEL_ISSUES]]
+    cards = [_image_card(thumbs, issue.image, f'<div>given: <s>{esc(issue.given)}</s></div><div>suggested: '
+                                              f'<b>{esc(issue.suggested)}</b></div><div class="muted">score '
+                                              f'{issue.score:.3f}</div>') for issue in found[:MAX_LABEL_ISSUES]]
     return _gallery_section("Likely label errors", str(len(found)), note, "label-issues", cards, len(found),
                             MAX_LABEL_ISSUES)
 
@@ -106,8 +110,7 @@ def _unfamiliar_section(issues: DataIssues, thumbs: Thumbnails) -> str:
     note = (f"{issues.scored_split} images unlike the training data: {method['method']} above {method['threshold']:.4g}, "
             f"the {method['quantile_of_val']:.0%} quantile of the validation images' scores. `predict --unfamiliar` "
             "calls such images “unknown”. Most unlike first.")
-    cards = [f'<figure class="card">{thumbs.tag(item.image)}<figcaption><div class="muted">score {item.score:.4g}</div>'
-             f'<div class="path" title="{esc(item.image)}">{esc(item.image)}</div></figcaption></figure>'
+    cards = [_image_card(thumbs, item.image, f'<div class="muted">score {item.score:.4g}</div>')
              for item in found[:MAX_UNFAMILIAR]]
     return _gallery_section("Unfamiliar images", str(len(found)), note, "unfamiliar", cards, len(found), MAX_UNFAMILIAR)
 
