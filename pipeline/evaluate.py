@@ -34,7 +34,7 @@ def held_out(run: Run) -> tuple[str, list[Sample]]:
 def report(run: Run | Path | str) -> dict:
     """A run's metrics on its held-out split, in memory (no file written): what `make report`
     puts in metrics.json, without the data inspection and the timings."""
-    run = run if isinstance(run, Run) else load_run(run)
+    run = load_run(run)
     split, chosen = held_out(run)
     if whole_model(run.info):
         dataset = _dataset(run.config)

@@ -107,7 +107,7 @@ def predict(run: Run | Path | str, inputs: Sequence[str | Path], *, threshold: f
     started = time.perf_counter()
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"--threshold {threshold}: must be between 0 and 1, e.g. 0.5")
-    run = run if isinstance(run, Run) else load_run(run)
+    run = load_run(run)
     inputs = [str(spec) for spec in inputs]
     record = whole_model(run.info)
     paths = find_images(inputs)

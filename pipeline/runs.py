@@ -112,7 +112,10 @@ def latest_run(config: Config) -> Path:
     return runs[-1]
 
 
-def load_run(directory: Path) -> Run:
+def load_run(directory: Path | Run) -> Run:
+    """The run in `directory` (a Run is taken as it is, so every stage accepts either)."""
+    if isinstance(directory, Run):
+        return directory
     directory = Path(directory)
     if not (directory / "run.json").is_file():
         raise PipelineError(f"{directory} is not a complete run directory (no run.json); fix: pass a folder "

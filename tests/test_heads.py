@@ -95,6 +95,24 @@ def test_make_head_default_is_logreg():
     assert make_head(HeadConfig()).kind == "logreg"
 
 
+def test_every_registered_kind_loads_as_a_head_and_only_feature_heads_are_trained_by_train():
+    from sklearn.base import clone
+
+    from pipeline.errors import ConfigError
+    from pipeline.heads import REGISTRY, Head, trainable_kinds
+
+    assert trainable_kinds() == ["logreg", "dense"]
+    for record in REGISTRY.values():
+        head_class = record.head_class()
+        assert all(callable(getattr(head_class, name, None)) for name in ("fit", "predict_proba", "save", "load",
+                                                                           "to_keras"))
+        if record.config_key:  # the heads on cached features: scikit-learn estimators made from their table
+            head = make_head(HeadConfig(kind=record.kind))
+            assert isinstance(head, Head) and clone(head).get_params() == head.get_params()
+    with pytest.raises(ConfigError, match="head.kind = 'scratch_cnn' is not allowed"):
+        HeadConfig(kind="scratch_cnn")  # made by `make baseline`, never by train
+
+
 def test_heads_are_scikit_learn_estimators_with_keyword_parameters():
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, cross_val_score
