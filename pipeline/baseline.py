@@ -24,7 +24,7 @@ from .errors import DatasetError
 from .features import CachedImages, dataset_from_config, trainable
 from .html_report import conflict_groups
 from .pixel_models import decode_images, model_record
-from .runs import Sample, new_run_dir, save_run
+from .runs import RunInfo, Sample, new_run_dir, save_run
 
 FROM_SCRATCH = "scratch_cnn"  # run.json "head" of a baseline run, which also says "from_scratch": true
 
@@ -95,11 +95,10 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
     record = model_record(settings.image_size)
     model.save(run_dir / record["file"])
     params = {**dataclasses.asdict(settings), "best_epoch": best["epoch"]}
-    info = {"head": FROM_SCRATCH, "from_scratch": True, "model": record, "params": params,
-            "val_accuracy": best["val_accuracy"],
-            "split_sizes": split_sizes, "failed_images": len(failed), "label_conflicts": conflict_warnings,
-            "label_conflict_files": conflict_groups(dataset.entries, keys), "fingerprint": None, "cache": None,
-            "dataset": config.dataset_name, "train_seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info = RunInfo(FROM_SCRATCH, params, best["val_accuracy"], split_sizes, config.dataset_name,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), failed_images=len(failed),
+                   label_conflicts=conflict_warnings, label_conflict_files=conflict_groups(dataset.entries, keys),
+                   train_seconds=seconds, model=record, extra={"from_scratch": True})
     save_run(run_dir, config, labels, samples, info, history)
     return BaselineResult(run_dir, labels, split_sizes, len(history), best["epoch"], best["val_accuracy"], failed,
                           seconds, dataset.warnings + conflict_warnings)

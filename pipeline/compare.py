@@ -25,6 +25,7 @@ from .config import Config, load_config
 from .errors import ConfigError, PipelineError
 from .heads import kind_of
 from .html_report import bar_cell, describe_model, esc, format_params, format_seconds, html_page, sortable_table
+from .runs import RunInfo, read_info
 
 # Without --vary: the logistic-regression head (its C is chosen on validation anyway) and a
 # small grid of dense heads over the two settings that matter most on bottleneck features.
@@ -58,14 +59,14 @@ LADDER = (
 )
 
 
-def rung_of(info: dict) -> Rung:
+def rung_of(info: RunInfo) -> Rung:
     """The ladder step a run belongs to, from what its run.json records."""
-    kind = kind_of(info["head"])
+    kind = kind_of(info.head)
     if not kind.transfer:
         return LADDER[0]
     if kind.fine_tuned:
         return LADDER[4]
-    features = info.get("features") or {}
+    features = info.features or {}
     if features.get("tta", "none") != "none":
         return LADDER[3]
     if features.get("views_used") or (features.get("pool_blocks") or 1) > 1:
@@ -113,17 +114,17 @@ def compare_runs(config: Config) -> list[RunSummary]:
 
 
 def _summarise(run_dir: Path, extract_seconds: "_ExtractTimes") -> RunSummary:
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    info = read_info(run_dir)
     features, head = describe_model(info)
-    kind = kind_of(info["head"])
+    kind = kind_of(info.head)
     scratch = not kind.transfer
-    params = info.get("params", {})
+    params = info.params
     if kind.shown_params:  # the rest are a fixed recipe (the baseline's), in its report
         params = {key: params.get(key) for key in kind.shown_params}
-    extracted = info["extract_seconds"] if "extract_seconds" in info else extract_seconds.of(info.get("cache"))
+    extracted = info.extract_seconds if info.extract_seconds is not None else extract_seconds.of(info.cache)
     row = RunSummary(run_dir, features, head, format_params(params), scratch,
-                     info.get("val_accuracy"), train_seconds=info.get("train_seconds"), extract_seconds=extracted,
-                     finetune_seconds=info.get("finetune_seconds"), rung=rung_of(info))
+                     info.val_accuracy, train_seconds=info.train_seconds, extract_seconds=extracted,
+                     finetune_seconds=info.finetune_seconds, rung=rung_of(info))
     metrics_path = run_dir / "report" / "metrics.json"
     if not metrics_path.is_file():
         from .evaluate import run_report

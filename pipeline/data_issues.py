@@ -460,19 +460,19 @@ def inspect_run(run, scored_split: str, *, project: bool = True) -> DataIssues:
     beside the head as novelty.h5."""
     from .cache import FeatureCache
 
-    reason = features_say_nothing(run.info["fingerprint"])
+    reason = features_say_nothing(run.info.fingerprint)
     if reason:
         log.info("data not inspected: %s", reason)  # the summary line says it on the terminal
         return DataIssues.skipped(reason, scored_split)
     samples = run.samples
-    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+    with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
         rows = cache.row_index()
         present = [s for s in samples if s.key in rows]
         features = cache.read_features([rows[s.key] for s in present])
-    C = float(run.info.get("params", {}).get("C", 1.0))  # the logreg head's choice; 1.0 for other heads
+    C = float(run.info.params.get("C", 1.0))  # the logreg head's choice; 1.0 for other heads
     issues, novelty = inspect_features(features, present, run.labels, settings=run.config.inspect, C=C,
                                        scored_split=scored_split, project=project,
-                                       maps=MapStore.for_cache(run.info["cache"]), fingerprint=run.info["fingerprint"])
+                                       maps=MapStore.for_cache(run.info.cache), fingerprint=run.info.fingerprint)
     novelty.save(run.dir / NOVELTY_FILE)
     return issues
 
@@ -503,7 +503,7 @@ def novelty_for_run(run) -> NoveltyModel:
     chosen = {split: [s for s in run.samples if s.split == split and s.label is not None]
               for split in ("train", "val")}
     try:
-        with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+        with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
             rows = cache.row_index()
             features = {split: cache.read_features([rows[s.key] for s in group]) for split, group in chosen.items()}
     except (KeyError, OSError) as exc:

@@ -56,17 +56,17 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
     issues = None  # data inspection needs cached features: head runs only
     if whole_model(run.info):  # from scratch or fine-tuned: its features are in no cache
         probabilities = predict_samples(run, chosen, image_root)
-        timings = {key: run.info.get(f"{key}_seconds") for key in ("extract", "train", "finetune")}
+        timings = {key: getattr(run.info, f"{key}_seconds") for key in ("extract", "train", "finetune")}
         timings = {key: value for key, value in timings.items() if value is not None}
-        conflicts = run.info.get("label_conflict_files", [])
+        conflicts = run.info.label_conflict_files or []
     else:
         probabilities, extract_timing, file_keys = _score_cached(run, chosen)
-        timings = {"extract": (extract_timing or {}).get("seconds"), "train": run.info.get("train_seconds")}
+        timings = {"extract": (extract_timing or {}).get("seconds"), "train": run.info.train_seconds}
         conflicts = conflict_groups(dataset.entries, file_keys) if dataset else []
         issues = inspect_run(run, split)
     timings["report"] = time.perf_counter() - started
     out_dir = run.dir / "report"
-    context = {key: run.info[key] for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
+    context = {key: getattr(run.info, key) for key in ("dataset", "head", "params", "split_sizes", "fingerprint")}
     context["seconds"] = timings
     if issues is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def run_report(run_dir: Path) -> tuple[Path, dict]:
 def _score_cached(run: Run, chosen: list[Sample]):
     """The head's probabilities on the chosen images' cached features, what extracting them cost, and
     every cached file's content hash (to find images filed under two labels)."""
-    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+    with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
         rows = cache.row_index()
         gone = [s.image for s in chosen if s.key not in rows]
         if gone:
@@ -92,7 +92,7 @@ def _score_cached(run: Run, chosen: list[Sample]):
         features = scoring_features(cache, [s.key for s in chosen], run.config.head.tta)
         extract_timing = cache.extract_timing()
         file_keys = {path: record.key for path, record in cache.file_index().items()}
-    return load_head(run.info["head"], run.dir).predict_proba(features), extract_timing, file_keys
+    return load_head(run.info.head, run.dir).predict_proba(features), extract_timing, file_keys
 
 
 def _dataset(config: Config) -> Dataset | None:

@@ -72,7 +72,7 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     record = whole_model(run.info)
     if record is None:  # a head on the frozen backbone: put them together
         backbone = run_backbone(run)
-        head = load_head(run.info["head"], run.dir)
+        head = load_head(run.info.head, run.dir)
         size = backbones.get_spec(backbone.name).input_size
         model = build_model(backbone, head, len(run.labels), tta=run.config.head.tta)
     else:  # fine-tuned or from scratch: the run's model already takes pixels
@@ -85,7 +85,7 @@ def run_export(run_dir: Path, out_dir: Path | None = None, *, tflite: bool = Tru
     model.save(out_dir / "model.keras")
     write_saved_model(model, run.labels, size, out_dir / "saved_model")
     (out_dir / "labels.json").write_text(json.dumps(run.labels, indent=1), encoding="utf-8")
-    fingerprint = run.info["fingerprint"]
+    fingerprint = run.info.fingerprint
     exact = fingerprint is None or (fingerprint["precision"] == "float32" and (
         record is not None or fingerprint["feature_dtype"] == "float32"))  # a whole model reads no cached rows
     tolerance = PARITY_TOLERANCE if exact else _LOOSE_TOLERANCE
@@ -219,9 +219,9 @@ def _held_out_samples(run: Run) -> tuple[list[tuple[str, bytes]], list[Sample]]:
 
 def _cached_probabilities(run: Run, head, chosen: list[Sample]) -> np.ndarray | None:
     """The report's probabilities for a head run's samples: their cached features through the head."""
-    if not chosen or not Path(run.info["cache"]).is_file():
+    if not chosen or not Path(run.info.cache).is_file():
         return None
-    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+    with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
         features = scoring_features(cache, [s.key for s in chosen], run.config.head.tta)
     return head.predict_proba(features)
 

@@ -21,7 +21,6 @@ run (`pixel_models`): report, predict and export run `model.keras` on the images
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -46,7 +45,7 @@ from .heads import load_head
 from .html_report import conflict_groups
 from .pixel_models import model_record, sample_pixels, whole_model
 from .predict import run_backbone
-from .runs import Run, load_run, new_run_dir, run_dirs, save_run
+from .runs import Run, RunInfo, load_run, new_run_dir, read_info, run_dirs, save_run
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class FinetuneResult:
 def latest_head_run(config: Config) -> Path:
     """The newest run of the config's dataset that is a head on cached features (fine-tuning's starting point)."""
     for run_dir in reversed(run_dirs(config)):
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        info = read_info(run_dir)
         if whole_model(info) is None:
             return run_dir
     raise PipelineError(f"no head trained on cached features under {Path(config.run.dir) / config.dataset_name}; "
@@ -126,7 +125,7 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
 
     keras.utils.set_random_seed(settings.seed)
     backbone = backbones.build_model(backbone_config)
-    model = build_model(backbone_config, load_head(start.info["head"], start.dir), len(start.labels),
+    model = build_model(backbone_config, load_head(start.info.head, start.dir), len(start.labels),
                         backbone=backbone)
     unfrozen = unfreeze(backbone, spec.block_end, settings.unfreeze)
     steps = math.ceil(len(data["train"][0]) / settings.batch_size)
@@ -157,23 +156,22 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
               "warmup_epochs": settings.warmup_epochs, "schedule": settings.schedule, "augment": settings.augment,
               "batch_size": settings.batch_size, "best_epoch": keep.best_epoch}
     seconds = time.perf_counter() - started
-    frozen = {"run": str(start.dir), "head": start.info["head"], "params": start.info.get("params", {}),
-              "val_accuracy": start.info["val_accuracy"]}
-    info = {"head": KIND, "model": record, "finetuned_from": frozen, "params": params,
-            "val_accuracy": best["val_accuracy"], "frozen_val_accuracy": start.info["val_accuracy"],
-            "better_than_frozen": best["val_accuracy"] > start.info["val_accuracy"],
-            "split_sizes": start.info["split_sizes"], "failed_images": start.info.get("failed_images", 0),
-            "label_conflicts": start.info.get("label_conflicts", []),
-            "label_conflict_files": _conflict_files(start, image_root is not None),
-            "fingerprint": start.info["fingerprint"], "cache": None, "dataset": start.info["dataset"],
-            "extract_seconds": _extract_seconds(start), "train_seconds": start.info.get("train_seconds"),
-            "finetune_seconds": seconds, "kept_by": "best validation accuracy, ties by loss; epoch 0 is the frozen head",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    frozen = {"run": str(start.dir), "head": start.info.head, "params": start.info.params,
+              "val_accuracy": start.info.val_accuracy}
+    info = RunInfo(KIND, params, best["val_accuracy"], start.info.split_sizes, start.info.dataset,
+                   start.info.fingerprint, None, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   failed_images=start.info.failed_images, label_conflicts=start.info.label_conflicts,
+                   label_conflict_files=_conflict_files(start, image_root is not None),
+                   train_seconds=start.info.train_seconds, extract_seconds=_extract_seconds(start),
+                   finetune_seconds=seconds, model=record, finetuned_from=frozen,
+                   extra={"frozen_val_accuracy": start.info.val_accuracy,
+                          "better_than_frozen": best["val_accuracy"] > start.info.val_accuracy,
+                          "kept_by": "best validation accuracy, ties by loss; epoch 0 is the frozen head"})
     # the head run's data settings, with the recipe this fine-tune used
     save_run(run_dir, replace(start.config, finetune=settings), start.labels, start.samples, info, history)
-    result = FinetuneResult(run_dir, start.dir, start.labels, start.info["split_sizes"],
-                            f"{spec.name}: {unfrozen.describe()} + {start.info['head']} head from {start.dir.name}",
-                            len(history) - 1, keep.best_epoch, best["val_accuracy"], start.info["val_accuracy"],
+    result = FinetuneResult(run_dir, start.dir, start.labels, start.info.split_sizes,
+                            f"{spec.name}: {unfrozen.describe()} + {start.info.head} head from {start.dir.name}",
+                            len(history) - 1, keep.best_epoch, best["val_accuracy"], start.info.val_accuracy,
                             seconds)
     if not result.better_than_frozen:
         result.warnings.append(f"fine-tuned validation accuracy {result.val_accuracy:.4f} is not above the frozen "
@@ -239,7 +237,7 @@ def class_weights(y: np.ndarray, settings: FinetuneConfig) -> dict | None:
 def _extract_seconds(start: Run) -> float | None:
     """What extracting the starting run's features cost, read from its cache's attributes (never its rows)."""
     try:
-        with FeatureCache(start.info["cache"]) as cache:
+        with FeatureCache(start.info.cache) as cache:
             return (cache.extract_timing() or {}).get("seconds")
     except (PipelineError, OSError, TypeError):
         return None
@@ -250,7 +248,7 @@ def _conflict_files(start: Run, dataset_present: bool) -> list:
     if not dataset_present:
         return []
     try:
-        with FeatureCache(start.info["cache"], start.info["fingerprint"]) as cache:
+        with FeatureCache(start.info.cache, start.info.fingerprint) as cache:
             keys = {path: record.key for path, record in cache.file_index().items()}
         return conflict_groups(dataset_from_config(start.config).entries, keys)
     except (PipelineError, OSError):

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from .dataset import ImageEntry
 from .features import label_conflicts
 from .heads import kind_of
-from .runs import Run
+from .runs import Run, RunInfo
 
 THUMBNAIL_PX = 128
 MAX_GALLERY = 120  # misclassified thumbnails; all of them are in predictions.jsonl
@@ -94,7 +94,7 @@ def write_html_report(path: Path, *, run: Run, metrics: dict, images: Sequence[s
                                          thumbs, labels, note="scored with class “unknown”; top-3 predictions"))
     sections += [_conflicts_section(conflicts, thumbs), *data_sections(data_issues, labels, thumbs, image_root),
                  _history_section(run)]
-    title = f"{run.info.get('dataset', '')}: {' + '.join(describe_model(run.info))}"
+    title = f"{run.info.dataset}: {' + '.join(describe_model(run.info))}"
     Path(path).write_text(html_page(title, "\n".join(s for s in sections if s)), encoding="utf-8")
     return Path(path)
 
@@ -137,17 +137,17 @@ def format_seconds(seconds: float | None) -> str:
     return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def describe_model(info: dict) -> tuple[str, str]:
+def describe_model(info: RunInfo) -> tuple[str, str]:
     """(where the features came from, what was trained on them), for headlines and the comparison table."""
-    kind = kind_of(info["head"])
+    kind = kind_of(info.head)
     if not kind.transfer:
-        return "none (from scratch)", f"small CNN on {info['params'].get('image_size')} px images"
-    fp = info.get("fingerprint") or {}
+        return "none (from scratch)", f"small CNN on {info.params.get('image_size')} px images"
+    fp = info.fingerprint or {}
     alpha = f" α={fp['alpha']}" if fp.get("alpha") is not None else ""
     weights = str(fp.get("weights", "")).split(":", 1)[0]
     if kind.fine_tuned:  # the backbone's top was trained with the head
-        return f"{fp.get('backbone', '?')}{alpha} ({weights}, fine-tuned)", f"{info['finetuned_from']['head']}, fine-tuned"
-    return f"{fp.get('backbone', '?')}{alpha} ({weights})", info.get("head", "?")
+        return f"{fp.get('backbone', '?')}{alpha} ({weights}, fine-tuned)", f"{info.finetuned_from['head']}, fine-tuned"
+    return f"{fp.get('backbone', '?')}{alpha} ({weights})", info.head
 
 
 def format_params(params: dict) -> str:
@@ -158,7 +158,7 @@ def format_params(params: dict) -> str:
 
 def _headline(run: Run, metrics: dict, timings: dict, alerts: Sequence[str] = ()) -> str:
     info = run.info
-    scratch = not kind_of(info["head"]).transfer
+    scratch = not kind_of(info.head).transfer
     features, head = describe_model(info)
     badges = []
     if metrics["n_labeled"]:
@@ -167,22 +167,22 @@ def _headline(run: Run, metrics: dict, timings: dict, alerts: Sequence[str] = ()
             badges.append(("top-5 accuracy", metrics["top5_accuracy"]))
     badge_html = "".join(f'<div class="badge"><b>{value:.1%}</b><span>{esc(name)}</span></div>'
                          for name, value in badges)
-    sizes = info.get("split_sizes", {})
+    sizes = info.split_sizes
     scored = f"{metrics['n_labeled']} labeled" + (f" + {metrics['n_unlabeled']} unlabeled"
                                                    if metrics["n_unlabeled"] else "")
-    facts = [("dataset", f"{info.get('dataset', '')} · {len(run.labels)} classes"),
+    facts = [("dataset", f"{info.dataset} · {len(run.labels)} classes"),
              ("splits", " · ".join(f"{name} {count}" for name, count in sizes.items())),
              ("scored", f"{metrics['split']} split: {scored} images"),
              ("features", features),
              ("head", head),
-             ("chosen hyperparameters", format_params(info.get("params", {}))),
+             ("chosen hyperparameters", format_params(info.params)),
              ("time", " · ".join(f"{stage} {format_seconds(seconds)}" for stage, seconds in timings.items())),
-             ("run", f"{run.dir.name} ({info.get('created', '')})")]
+             ("run", f"{run.dir.name} ({info.created})")]
     rows = "".join(f"<tr><th>{esc(name)}</th><td>{esc(value)}</td></tr>" for name, value in facts)
     banner = ('<p class="scratch">From-scratch baseline: a small CNN trained on the raw images with the same '
               "splits, no ImageNet features. Compare it with the transfer runs to see what transfer buys.</p>"
               if scratch else "")
-    return (f'<header><h1>{esc(info.get("dataset", ""))} <small>{esc(features)} → {esc(head)}</small></h1>'
+    return (f'<header><h1>{esc(info.dataset)} <small>{esc(features)} → {esc(head)}</small></h1>'
             f'{banner}<div class="badges">{badge_html}</div>{"".join(alerts)}<table class="facts">{rows}</table>'
             "</header>")
 
@@ -307,7 +307,7 @@ def _history_section(run: Run) -> str:
     path = run.dir / "history.json"
     history = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     if history and "epoch" in history[0]:
-        best = run.info.get("params", {}).get("best_epoch")
+        best = run.info.params.get("best_epoch")
         epochs = [h["epoch"] for h in history]
         charts = [line_chart(title, epochs, [(name, [h.get(key) for h in history], css) for name, key, css in series],
                              mark=best, x_label="epoch")
@@ -315,11 +315,11 @@ def _history_section(run: Run) -> str:
                                         ("accuracy", [("training", "accuracy", "s1"),
                                                       ("validation", "val_accuracy", "s2")]))]
         kept = f", epoch {best}" if best else ""
-        note = f"Per epoch; the dashed line marks the epoch kept ({run.info.get('kept_by', 'best validation loss')}{kept})."
+        note = f"Per epoch; the dashed line marks the epoch kept ({run.info.extra.get('kept_by', 'best validation loss')}{kept})."
         return (f'<section><h2>Training curves</h2><p class="note">{esc(note)}</p>'
                 f'<div class="charts">{"".join(charts)}</div></section>')
     if history and "C" in history[0]:
-        chosen = run.info.get("params", {}).get("C")
+        chosen = run.info.params.get("C")
         rows = "".join(f'<tr class="{"chosen" if h["C"] == chosen else ""}"><td>{h["C"]:g}</td>'
                        f'<td>{h["val_accuracy"]:.4f}</td><td>{h["val_log_loss"]:.4f}</td></tr>' for h in history)
         return ('<section><h2>Regularisation search</h2><p class="note">Each C tried on the validation split; the '

@@ -23,7 +23,7 @@ from .config import Config
 from .dataset import ImageEntry
 from .errors import DatasetError, ImageError, PipelineError
 from .images import read_and_decode
-from .runs import Run, Sample
+from .runs import Run, RunInfo, Sample
 
 MODEL_FILE = "model.keras"
 PREDICT_BATCH = 64
@@ -34,16 +34,16 @@ def model_record(input_size: int) -> dict:
     return {"file": MODEL_FILE, "input_size": int(input_size)}
 
 
-def whole_model(info: dict) -> dict | None:
+def whole_model(info: RunInfo) -> dict | None:
     """The run's `model` record, or None for a head on cached features.
 
     From-scratch runs written before the record existed hold only their image size.
     """
     from .heads import kind_of
 
-    if not kind_of(info["head"]).takes_pixels:
+    if not kind_of(info.head).takes_pixels:
         return None
-    return info.get("model") or model_record(info["params"]["image_size"])
+    return info.model or model_record(info.params["image_size"])
 
 
 class PixelModel:

@@ -115,7 +115,7 @@ def predict(run: Run | Path | str, inputs: Sequence[str | Path], *, threshold: f
     if record is None:  # a head on the frozen backbone's features, cached or computed here
         backbone = run_backbone(run)
         make_extractor = make_extractor or functools.partial(  # the same measured choice as extract
-            backbones.FeatureExtractor, cache_dir=Path(run.info["cache"]).parent)
+            backbones.FeatureExtractor, cache_dir=Path(run.info.cache).parent)
         features = _rows(run, paths, predictions, progress, size=backbones.get_spec(backbone.name).input_size,
                          batch_size=backbone.batch_size, compute=lambda: _told(make_extractor(backbone), len(paths)),
                          use_cache=True)
@@ -128,7 +128,7 @@ def predict(run: Run | Path | str, inputs: Sequence[str | Path], *, threshold: f
                           "measure novelty on; fix: use a head run on cached features")
     novelty = _novelty_model(run, required=unfamiliar) if scored and record is None else None
     if scored:
-        probabilities = features if record else load_head(run.info["head"], run.dir).predict_proba(features)
+        probabilities = features if record else load_head(run.info.head, run.dir).predict_proba(features)
         strangeness = novelty.scores(features) if novelty is not None else [None] * len(scored)
         for prediction, row, score in zip(scored, probabilities, strangeness):
             best = int(row.argmax())
@@ -160,7 +160,7 @@ def _told(extractor, images: int):
 
 def run_backbone(run: Run) -> BackboneConfig:
     """The backbone that made a run's features, refused if its weights or decoding changed since training."""
-    trained = run.info["fingerprint"]
+    trained = run.info.fingerprint
     config = run.config
     if trained["weights"].startswith("random:"):  # the offline demo fell back to random weights
         config = backbones.with_random_weights(config)
@@ -217,8 +217,8 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
     """
     rows, failures, cache = {}, {}, None
     tta = run.config.head.tta if use_cache else "none"  # flip TTA averages frozen features, never a whole model's
-    if use_cache and Path(run.info["cache"]).is_file():
-        cache = FeatureCache(run.info["cache"], run.info["fingerprint"])
+    if use_cache and Path(run.info.cache).is_file():
+        cache = FeatureCache(run.info.cache, run.info.fingerprint)
         rows, failures = cache.row_index(), cache.failures()
         if tta == "flip":  # content without its mirrored view goes through the backbone, both ways
             mirrored = cache.view_index(augment.RECIPE.fingerprint_id())
@@ -243,7 +243,7 @@ def _rows(run: Run, paths: list[Path], predictions: list[Prediction], progress: 
     fresh: dict[str, np.ndarray] = {}  # content hash -> feature row, computed here
     batch: dict[str, np.ndarray] = {}  # content hash -> pixels waiting for the backbone
     model = None
-    stored = np.dtype(run.info["fingerprint"]["feature_dtype"]) if use_cache else None
+    stored = np.dtype(run.info.fingerprint["feature_dtype"]) if use_cache else None
 
     def flush():
         nonlocal model

@@ -16,8 +16,9 @@ import dataclasses
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .config import Config, load_config, to_toml
 from .errors import PipelineError
@@ -40,13 +41,50 @@ class Sample:
 
 
 @dataclass
+class RunInfo:
+    """run.json: what a run holds and how it came about. A field a kind of run does not have stays
+    None (and out of the file); anything else its stage records is kept in `extra`."""
+    head: str  # its kind: a record of heads.REGISTRY
+    params: dict = field(default_factory=dict)  # the hyperparameters chosen (or set)
+    val_accuracy: float | None = None
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    dataset: str = ""
+    fingerprint: dict | None = None  # of the frozen backbone's features; None for a model without a backbone
+    cache: str | None = None  # the cache file its features are in; None for a whole model (pixels in)
+    created: str = ""
+    failed_images: int = 0
+    label_conflicts: list[str] = field(default_factory=list)
+    label_conflict_files: list | None = None
+    train_seconds: float | None = None
+    extract_seconds: float | None = None
+    finetune_seconds: float | None = None
+    features: dict | None = None  # a head run's feature settings: pool_blocks, views, tta
+    model: dict | None = None  # a whole model's {"file", "input_size"}
+    finetuned_from: dict | None = None  # the head run a fine-tuned run started from
+    extra: dict = field(default_factory=dict)  # the rest: kept_by, frozen_val_accuracy, from_scratch, ...
+
+    _WRITTEN_WHEN_NONE: ClassVar[tuple[str, ...]] = ("val_accuracy", "fingerprint", "cache")
+
+    def to_json(self) -> dict:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{key: value for key, value in record.items() if value is not None or key in self._WRITTEN_WHEN_NONE},
+                **self.extra}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "RunInfo":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{key: value for key, value in record.items() if key in known},
+                   extra={key: value for key, value in record.items() if key not in known})
+
+
+@dataclass
 class Run:
     """A trained run, opened from its directory: `Run.open("runs/flowers5/<run>")`."""
     dir: Path
     config: Config  # the resolved config it was trained with
     labels: list[str]  # class names, in the order of the head's outputs
     samples: list[Sample]  # every image used
-    info: dict  # run.json: head kind, chosen parameters, fingerprint, cache file, counts, timings
+    info: RunInfo  # run.json: head kind, chosen parameters, fingerprint, cache file, counts, timings
 
     @classmethod
     def open(cls, directory: str | Path) -> "Run":
@@ -57,7 +95,7 @@ class Run:
         """The trained model as a `heads.Head` (features in; pixels in for whole-model kinds)."""
         from .heads import load_head
 
-        return load_head(self.info["head"], self.dir)
+        return load_head(self.info.head, self.dir)
 
     @property
     def metrics(self) -> dict | None:
@@ -70,7 +108,7 @@ class Run:
         """The backbones.BackboneSpec whose features it was trained on; None for a model without one."""
         from . import backbones
 
-        name = (self.info.get("fingerprint") or {}).get("backbone")
+        name = (self.info.fingerprint or {}).get("backbone")
         return backbones.get_spec(name) if name else None
 
 
@@ -87,7 +125,7 @@ def new_run_dir(config: Config, model: str = "") -> Path:
     return candidate
 
 
-def save_run(directory: Path, config: Config, labels: list[str], samples: list[Sample], info: dict,
+def save_run(directory: Path, config: Config, labels: list[str], samples: list[Sample], info: RunInfo,
              history: list[dict]) -> None:
     (directory / "config.toml").write_text(to_toml(config), encoding="utf-8")
     (directory / "labels.json").write_text(json.dumps(labels, indent=1), encoding="utf-8")
@@ -95,7 +133,7 @@ def save_run(directory: Path, config: Config, labels: list[str], samples: list[S
     with open(directory / "samples.jsonl", "w", encoding="utf-8") as out:
         for sample in samples:
             out.write(json.dumps(sample.to_json()) + "\n")
-    (directory / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")  # last: marks it complete
+    (directory / "run.json").write_text(json.dumps(info.to_json(), indent=1), encoding="utf-8")  # last: marks it complete
 
 
 def run_dirs(config: Config) -> list[Path]:
@@ -124,4 +162,9 @@ def load_run(directory: Path | Run) -> Run:
                for line in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     return Run(directory, load_config(directory / "config.toml"),
                json.loads((directory / "labels.json").read_text(encoding="utf-8")), samples,
-               json.loads((directory / "run.json").read_text(encoding="utf-8")))
+               read_info(directory))
+
+
+def read_info(directory: Path) -> RunInfo:
+    """A run directory's run.json."""
+    return RunInfo.from_json(json.loads((Path(directory) / "run.json").read_text(encoding="utf-8")))

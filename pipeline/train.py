@@ -17,7 +17,7 @@ from .config import Config
 from .errors import DatasetError
 from .features import FeatureRows, labelled_samples, open_cache, scoring_features, training_views
 from .heads import make_head
-from .runs import Sample, new_run_dir, save_run
+from .runs import RunInfo, Sample, new_run_dir, save_run
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TrainResult:
     val_accuracy: float
     seconds: float
     samples: list[Sample] = field(default_factory=list)  # every image used, with its key, label and split
-    info: dict = field(default_factory=dict)  # what run.json records
+    info: RunInfo | None = None  # what run.json records
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts
     config: Config | None = None
     run_dir: Path | None = None  # set once saved
@@ -94,13 +94,12 @@ def train(config: Config, head=None) -> TrainResult:
     val_accuracy = correct / len(val_y)
     split_sizes = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
     seconds = time.perf_counter() - started
-    info = {"head": head.kind, "params": head.params_, "val_accuracy": val_accuracy, "split_sizes": split_sizes,
-            "failed_images": found.failed, "label_conflicts": conflicts, "fingerprint": fingerprint,
-            "cache": cache_file, "dataset": config.dataset_name, "train_seconds": seconds,
-            "features": {"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
-                         "views_used": len(views[1]) if views else 0, "view_recipe": augment.RECIPE.fingerprint_id(),
-                         "tta": config.head.tta},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info = RunInfo(head.kind, head.params_, val_accuracy, split_sizes, config.dataset_name, fingerprint, cache_file,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), failed_images=found.failed, label_conflicts=conflicts,
+                   train_seconds=seconds,
+                   features={"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
+                             "views_used": len(views[1]) if views else 0,
+                             "view_recipe": augment.RECIPE.fingerprint_id(), "tta": config.head.tta})
     return TrainResult(head, labels, split_sizes, val_accuracy, seconds, samples, info,
                        found.warnings + conflicts + warnings, config)
 

@@ -77,7 +77,7 @@ def latest_run_dir(runs):
 
 
 def _features(run):
-    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+    with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
         rows = cache.row_index()
         return cache.read_features([rows[s.key] for s in run.samples])
 
@@ -95,7 +95,7 @@ def test_moved_labels_are_among_the_top_suspects(flowers):
         wrong = run.labels[(given + rng.integers(1, len(run.labels))) % len(run.labels)]
         samples[i] = dataclasses.replace(samples[i], label=wrong)
     issues, _ = inspect_features(features, samples, run.labels, settings=run.config.inspect,
-                                 C=run.info["params"]["C"], scored_split="val", project=False)
+                                 C=run.info.params["C"], scored_split="val", project=False)
     top = [issue.image for issue in issues.label_issues[:2 * len(moved)]]
     found = [run.samples[i].image for i in moved if run.samples[i].image in top]
     assert len(found) >= 0.6 * len(moved), (len(found), len(moved))
@@ -238,7 +238,7 @@ def test_the_map_is_projected_once_per_row_set_and_kept_as_plain_hdf5_beside_the
     from pipeline.data_issues import MapStore, inspect_run
 
     run, _, _ = flowers
-    store = MapStore.for_cache(run.info["cache"])
+    store = MapStore.for_cache(run.info.cache)
     [kept] = store.directory.glob("*.h5")  # the fixture's report projected it
     with h5py.File(kept, "r") as f:
         points = f["points"][...]
@@ -249,5 +249,5 @@ def test_the_map_is_projected_once_per_row_set_and_kept_as_plain_hdf5_beside_the
     # another row set (one image fewer) is projected anew, and kept beside the first
     features, fewer = _features(run)[1:], run.samples[1:]
     other, _ = inspect_features(features, fewer, run.labels, settings=run.config.inspect, C=1.0, scored_split="val",
-                                maps=store, fingerprint=run.info["fingerprint"])
+                                maps=store, fingerprint=run.info.fingerprint)
     assert "map" in other.seconds and len(list(store.directory.glob("*.h5"))) == 2

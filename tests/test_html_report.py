@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.html_report import COUNTS_IN_CELLS_UP_TO, MAX_CONFIDENT, write_html_report
 from pipeline.report import write_report
-from pipeline.runs import Run, Sample
+from pipeline.runs import Run, RunInfo, Sample
 
 HOSTILE = "<img src=x onerror=alert(1)> & \"quotes\""  # a legal folder name that is also markup
 
@@ -88,7 +88,7 @@ def _synthetic_run(tmp_path, n_classes=120, n_images=600, history=None, head="de
     (run_dir / "history.json").write_text(json.dumps(history or []))
     info = {"head": head, "params": params or {"best_epoch": 3}, "dataset": "many", "split_sizes": {"test": n_images},
             "fingerprint": {"backbone": "inception_v3", "alpha": None, "weights": "imagenet:x"}, "created": "today"}
-    run = Run(run_dir, Config(), labels, samples, info)
+    run = Run(run_dir, Config(), labels, samples, RunInfo.from_json(info))
     truths = [labels[t] for t in truth]
     metrics = write_report(run_dir / "report", labels=labels, images=images, true_labels=truths,
                            probabilities=probabilities, split="test")
@@ -139,7 +139,7 @@ def test_hostile_names_cannot_end_the_data_script(tmp_path):
     run_dir.mkdir()
     labels = ["</script><script>alert(1)</script>", "b&b"]
     samples = [Sample(f"{i}.png", f"{i:064x}", labels[i % 2], "test") for i in range(4)]
-    run = Run(run_dir, Config(), labels, samples, {"head": "logreg", "params": {"C": 1.0}, "dataset": "d"})
+    run = Run(run_dir, Config(), labels, samples, RunInfo("logreg", {"C": 1.0}, dataset="d"))
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])
     truths = [s.label for s in samples]
     metrics = write_report(run_dir / "report", labels=labels, images=[s.image for s in samples],
@@ -163,8 +163,8 @@ def test_logreg_search_unlabeled_gallery_and_no_labels(tmp_path):
     run_dir.mkdir()
     (run_dir / "history.json").write_text(json.dumps(history))
     write_image(tmp_path / "data" / "mystery.png", seed=1)
-    run = Run(run_dir, Config(), ["a", "b"], [{"image": "mystery.png", "key": "0" * 64, "label": None,
-                                               "split": "test"}], {"head": "logreg", "params": {"C": 1.0}})
+    run = Run(run_dir, Config(), ["a", "b"], [Sample("mystery.png", "0" * 64, None, "test")],
+              RunInfo("logreg", {"C": 1.0}))
     probabilities = np.array([[0.3, 0.7]])
     metrics = write_report(run_dir / "report", labels=["a", "b"], images=["mystery.png"], true_labels=[None],
                            probabilities=probabilities, split="test")

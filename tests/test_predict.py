@@ -34,10 +34,10 @@ def report_probabilities(run_dir, relpaths):
     """What the report computes: cached features through the saved head."""
     run = load_run(run_dir)
     keys = {s.image: s.key for s in run.samples}
-    with FeatureCache(run.info["cache"], run.info["fingerprint"]) as cache:
+    with FeatureCache(run.info.cache, run.info.fingerprint) as cache:
         rows = cache.row_index()
         features = cache.read_features([rows[keys[p]] for p in relpaths])
-    return load_head(run.info["head"], run_dir).predict_proba(features)
+    return load_head(run.info.head, run_dir).predict_proba(features)
 
 
 def test_cached_images_skip_the_backbone_new_ones_are_batched_bad_ones_get_a_line(trained, tmp_path):
