@@ -63,10 +63,14 @@ TARGETS = {  # name: (JSON path, comparison, bound), as set in the project's iss
     "openvino float32 head probabilities max diff": (("agreement", "openvino_float32", "max_probability_difference"),
                                                      "<=", 1e-4),
 }
-# The most a pipeline could score on a target on this machine: the backbone alone against naive.
-# Where that is below the bound, the hardware rather than the pipeline decides the target.
-REACHABLE = {"pipeline/naive float32": ("ratios", "ceiling_over_naive", "float32"),
-             "pipeline bfloat16/naive float32": ("ratios", "ceiling_over_naive", "bfloat16")}
+# The most a pipeline could score on a target on this machine, and why. Where that is below the
+# bound, the hardware rather than the pipeline decides the target.
+_ALONE = "the backbone alone against naive"
+_SHARED = "decoding and the backbone share the cores: cores / (decode + backbone CPU ms per image), over the ceiling"
+REACHABLE = {"pipeline/naive float32": (("ratios", "ceiling_over_naive", "float32"), _ALONE),
+             "pipeline bfloat16/naive float32": (("ratios", "ceiling_over_naive", "bfloat16"), _ALONE),
+             "pipeline/ceiling float32": (("ratios", "cpu_bound_pipeline_over_ceiling", "float32"), _SHARED),
+             "pipeline/ceiling mobilenet 0.25 float32": (("ratios", "small_backbone_cpu_bound_over_ceiling"), _SHARED)}
 _COMPARE = {">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
 # Runs one stage in a fresh process and reports its own peak RSS (VmHWM is per exec'd image,
 # unlike ru_maxrss, which a child inherits from the parent that spawned it) and whether
@@ -156,8 +160,8 @@ def machine_info(config: Config) -> dict:
     names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
     cpu = execution.cpu_model()
     return {
-        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu}, {os.cpu_count()} cores (no GPU found)",
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu}, {execution.usable_cores()} cores (no GPU found)",
+        "cpu": cpu, "cores": execution.usable_cores(), "platform": platform.platform(),
         "cpu_native_bfloat16": backbones.cpu_has_native_bfloat16(),
         "threads": {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                     "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
@@ -552,10 +556,22 @@ def _add_ratios(result: dict) -> None:
                                       for p in PRECISIONS},
         # issue 15's yardstick: OpenVINO's best backbone-only rate (None where it is not installed)
         "pipeline_over_openvino_ceiling": {p: _over_openvino(rows["pipeline", p], rows["ceiling", p]) for p in PRECISIONS}}
+    result["ratios"]["cpu_bound_pipeline_over_ceiling"] = {
+        p: _cpu_bound(rows["pipeline", p], rows["ceiling", p], result["machine"]["cores"]) for p in PRECISIONS}
     small = {row["stage"]: row for row in result["small_backbone_rates"]}
     result["ratios"]["small_backbone_pipeline_over_ceiling"] = small["pipeline"]["img_per_s"] / small["ceiling"]["img_per_s"]
+    result["ratios"]["small_backbone_cpu_bound_over_ceiling"] = _cpu_bound(small["pipeline"], small["ceiling"],
+                                                                           result["machine"]["cores"])
     pipeline_seconds = rows["pipeline", "float32"]["seconds"]
     result["train"]["fraction_of_extract"] = result["train"]["wall_s"] / pipeline_seconds
+
+
+def _cpu_bound(pipeline: dict, ceiling: dict, cores: int) -> float:
+    """The best pipeline/ceiling a machine allows when decoding and the backbone both need its
+    cores: MobileNet 0.25 on OpenVINO takes about 1 CPU ms per image and decoding a photo 2.7,
+    so 2 cores extract at most ~520 img/s however the work is arranged, against a ceiling of 1,300."""
+    per_image_ms = pipeline["decode_cpu_ms_per_image"] + ceiling["cpu_ms_per_image"]
+    return min(1.0, cores * 1000 / per_image_ms / ceiling["img_per_s"])
 
 
 def _over_openvino(pipeline: dict, ceiling: dict) -> float | None:
@@ -572,7 +588,8 @@ def check_targets(result: dict) -> dict:
         checks[name] = {"value": value, "target": f"{op} {bound}",
                         "met": value is not None and bool(_COMPARE[op](value, bound))}
         if name in REACHABLE:
-            checks[name]["reachable"] = _lookup(result, REACHABLE[name])
+            path, why = REACHABLE[name]
+            checks[name]["reachable"], checks[name]["reachable_because"] = _lookup(result, path), why
     return checks
 
 
@@ -651,9 +668,11 @@ def format_table(result: dict) -> str:
             for name in ("lzf", "gzip")) + " as uncompressed")
     lines.append("targets:")
     for name, check in result["targets"].items():
-        line = f"  {'met   ' if check['met'] else 'MISSED'} {name}: {check['value']!r:.6} {check['target']}"
+        value = check["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else repr(value)
+        line = f"  {'met   ' if check['met'] else 'MISSED'} {name}: {shown} {check['target']}"
         if not check["met"] and check.get("reachable") is not None:
-            line += f" (the backbone alone reaches {check['reachable']:.2f} on this machine)"
+            line += f" (at most {check['reachable']:.2f} on this machine: {check['reachable_because']})"
         lines.append(line)
     return "\n".join(lines)
 

@@ -56,7 +56,13 @@ def test_bench_runs_every_section_and_writes_its_json_contract(tmp_path, tiny_jp
     assert rates["pipeline", "float32"]["startup_s"] > 0 and rates["pipeline", "float32"]["decode_cpu_ms_per_image"] > 0
     assert set(result["ratios"]) == {"pipeline_over_naive", "pipeline_over_ceiling", "pipeline_over_ceiling_cpu",
                                      "ceiling_over_naive", "pipeline_over_openvino_ceiling",
-                                     "small_backbone_pipeline_over_ceiling"}
+                                     "small_backbone_pipeline_over_ceiling", "cpu_bound_pipeline_over_ceiling",
+                                     "small_backbone_cpu_bound_over_ceiling"}
+    small = {row["stage"]: row for row in result["small_backbone_rates"]}
+    cores, per_image_ms = result["machine"]["cores"], small["pipeline"]["decode_cpu_ms_per_image"] + \
+        small["ceiling"]["cpu_ms_per_image"]
+    assert result["ratios"]["small_backbone_cpu_bound_over_ceiling"] == pytest.approx(
+        min(1.0, cores * 1000 / per_image_ms / small["ceiling"]["img_per_s"])), "decode and backbone share the cores"
     small = {row["stage"]: row for row in result["small_backbone_rates"]}
     assert small["pipeline"]["images"] == 12 and small["pipeline"]["path"].split("-")[0] in ("tensorflow", "openvino")
     race = result["small_images"]
