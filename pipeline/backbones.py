@@ -222,6 +222,18 @@ def cpu_has_native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | Non
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def bfloat16_hint(backbone: BackboneConfig) -> str:
+    """One line for a float32 extract on a CPU that computes bfloat16 natively: the default stays
+    float32 (README, Performance: the fingerprint would otherwise depend on the machine), but the
+    user should know what one setting buys here."""
+    import tensorflow as tf
+
+    if backbone.precision != "float32" or not cpu_has_native_bfloat16() or tf.config.list_physical_devices("GPU"):
+        return ""
+    return ('hint: this CPU computes bfloat16 natively (AVX512-BF16/AMX): backbone.precision = "bfloat16" extracted '
+            "Inception V3 2.3x faster on such a CPU (validation accuracy within a point); it makes a separate cache")
+
+
 @functools.cache
 def _warn_if_bfloat16_is_emulated() -> None:
     if cpu_has_native_bfloat16() is False:

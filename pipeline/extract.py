@@ -45,6 +45,7 @@ class ExtractSummary:
     warnings: list[str] = field(default_factory=list)  # one line each: empty classes, label conflicts, ...
     failed_shards: list[str] = field(default_factory=list)  # Dask engine: one line per shard that kept failing
     execution: str = ""  # how the backbone ran, and why that way (measured, remembered, forced)
+    hint: str = ""  # a faster setting this machine allows, in one line
     views_per_image: int = 0  # views each image has in the cache (augment.views, and the mirror for flip TTA)
     views_extracted: int = 0
 
@@ -57,6 +58,8 @@ class ExtractSummary:
                             "the rest already cached")
         if self.execution:
             lines.append(self.execution)
+        if self.hint:
+            lines.append(self.hint)
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) could not be used and are left out:")
             lines += [f"  {shown(path)}: {reason}" for path, reason in self.failed[:20]]
@@ -126,6 +129,7 @@ def run_extract(config: Config, *, rebuild: bool = False, progress: bool = True,
             summary.views_extracted = counts.views_extracted
             summary.reused += counts.reused
             summary.execution = getattr(extractor, "description", "")
+            summary.hint = backbones.bfloat16_hint(config.backbone) if summary.extracted else ""
         if summary.extracted or summary.views_extracted:
             cache.add_extract_timing(time.perf_counter() - started, summary.extracted)
         cached = match_cached(dataset, cache)

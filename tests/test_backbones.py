@@ -119,3 +119,13 @@ def test_missing_imagenet_weights_say_so_in_one_line(monkeypatch, tmp_path, capl
 def test_unknown_weights_file_is_a_config_error():
     with pytest.raises(PipelineError, match="no such file"):
         backbones.fingerprint(load_config(None, ["backbone.weights=/nope/weights.h5"]))
+
+
+def test_a_float32_extract_on_a_cpu_with_native_bfloat16_is_told_what_one_setting_buys(monkeypatch):
+    config = load_config(None, ["backbone.name=mobilenet", "backbone.alpha=0.25", "backbone.weights=random"]).backbone
+    monkeypatch.setattr(backbones, "cpu_has_native_bfloat16", lambda: True)
+    hint = backbones.bfloat16_hint(config)
+    assert hint.startswith("hint: ") and 'backbone.precision = "bfloat16"' in hint and "\n" not in hint
+    assert backbones.bfloat16_hint(dataclasses.replace(config, precision="bfloat16")) == "", "already bfloat16"
+    monkeypatch.setattr(backbones, "cpu_has_native_bfloat16", lambda: False)
+    assert backbones.bfloat16_hint(config) == "", "emulated bfloat16 would be slower: no hint"
