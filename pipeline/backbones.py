@@ -79,6 +79,32 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("efficientnet_b0", "EfficientNetB0", "efficientnet", input_size=224, feature_dim=1280,
                      preprocessing="none", block_end=r"block\d[a-z]_project_bn",
                      blocks=("top_activation", "block7a_project_bn"), weights_file=lambda alpha: "efficientnetb0_notop.h5"),
+        # EfficientNetV2, ConvNeXt and MobileNetV3 rescale inside the model (include_preprocessing=True, Keras'
+        # default): their preprocess_input is the identity, so "none" and nothing is applied twice
+        BackboneSpec("efficientnet_v2_b0", "EfficientNetV2B0", "efficientnet_v2", input_size=224, feature_dim=1280,
+                     preprocessing="none", block_end=r"block\d[a-z]_project_bn", blocks=("top_activation", "block6h_add"),
+                     weights_file=lambda alpha: "efficientnetv2-b0_notop.h5"),
+        BackboneSpec("efficientnet_v2_s", "EfficientNetV2S", "efficientnet_v2", input_size=384, feature_dim=1280,
+                     preprocessing="none", block_end=r"block\d[a-z]_project_bn", blocks=("top_activation", "block6o_add"),
+                     weights_file=lambda alpha: "efficientnetv2-s_notop.h5"),
+        # headless ConvNeXt pools then layer-normalizes (an auto-named layer), so it offers the last block only
+        BackboneSpec("convnext_tiny", "ConvNeXtTiny", "convnext", input_size=224, feature_dim=768, preprocessing="none",
+                     block_end=r"convnext_[a-z]+_stage_\d+_block_\d+_identity",
+                     weights_file=lambda alpha: "convnext_tiny_notop.h5"),
+        BackboneSpec("convnext_small", "ConvNeXtSmall", "convnext", input_size=224, feature_dim=768, preprocessing="none",
+                     block_end=r"convnext_[a-z]+_stage_\d+_block_\d+_identity",
+                     weights_file=lambda alpha: "convnext_small_notop.h5"),
+        # headless MobileNetV3 pools its last 1x1 convolution (576 or 960 wide; the 1024/1280 layer belongs to the
+        # top); its last activation is auto-named, so it offers the last block only. Width 1.0, not minimalistic.
+        BackboneSpec("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", input_size=224, feature_dim=576,
+                     preprocessing="none", block_end=r"expanded_conv(_\d+)?_project_bn",
+                     weights_file=lambda alpha: "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+        BackboneSpec("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", input_size=224, feature_dim=960,
+                     preprocessing="none", block_end=r"expanded_conv(_\d+)?_project_bn",
+                     weights_file=lambda alpha: "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
+        BackboneSpec("resnet50_v2", "ResNet50V2", "resnet_v2", input_size=224, feature_dim=2048, preprocessing="tf",
+                     block_end=r"conv\d_block\d+_out", blocks=("post_relu", "conv5_block3_out"),
+                     weights_file=lambda alpha: "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     )
 }
 

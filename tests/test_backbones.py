@@ -1,6 +1,7 @@
 """Backbones: one signature for all, preprocessing paired with each model, honest fingerprints."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,13 @@ EXPECTED = {  # name: (input size, feature width) with the default alpha
     "mobilenet_v2": (224, 1280),
     "resnet50": (224, 2048),
     "efficientnet_b0": (224, 1280),
+    "efficientnet_v2_b0": (224, 1280),
+    "efficientnet_v2_s": (384, 1280),
+    "convnext_tiny": (224, 768),
+    "convnext_small": (224, 768),
+    "mobilenet_v3_small": (224, 576),
+    "mobilenet_v3_large": (224, 960),
+    "resnet50_v2": (224, 2048),
 }
 
 
@@ -38,6 +46,33 @@ def test_every_backbone_shares_one_signature_and_its_own_preprocessing(name):
     preprocess = spec.preprocess_input()
     expected = np.asarray(model(preprocess(batch.astype(np.float32)), training=False))
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+    # finetune.unfreeze counts blocks by block_end; pool_blocks pools the named layers
+    layer_names = [layer.name for layer in model.layers]
+    assert sum(bool(re.fullmatch(spec.block_end, layer)) for layer in layer_names) > 2
+    assert set(spec.blocks) <= set(layer_names)
+
+
+def test_every_registered_backbone_is_tested_and_has_its_own_stable_fingerprint():
+    assert set(backbones.REGISTRY) == set(EXPECTED), "a new backbone needs its (input size, width) in EXPECTED"
+    prints = {name: backbones.fingerprint(load_config(None, [f"backbone.name={name}", "backbone.weights=random"]))
+              for name in EXPECTED}
+    assert len({str(fp) for fp in prints.values()}) == len(EXPECTED)
+    for name, fp in prints.items():
+        assert fp["backbone"] == name and fp["input_size"] == EXPECTED[name][0]
+        assert backbones.fingerprint(load_config(None, [f"backbone.name={name}", "backbone.weights=random"])) == fp
+
+
+@pytest.mark.parametrize("name", ["efficientnet_v2_b0", "efficientnet_v2_s", "convnext_tiny", "convnext_small",
+                                  "mobilenet_v3_small", "mobilenet_v3_large", "resnet50_v2"])
+def test_the_weights_file_recorded_is_the_one_keras_downloads(monkeypatch, tmp_path, name):
+    """Keras' own download (checked against its own hash) stays the path; the record names the same file."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no weights here
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # and no download, anywhere
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    config = load_config(None, [f"backbone.name={name}"]).backbone
+    with pytest.raises(PipelineError) as info:
+        backbones.build_model(config)
+    assert f"/{backbones.get_spec(name).weights_file_name(config.alpha)}:" in str(info.value)  # in Keras' URL
 
 
 def test_bfloat16_policy_is_used_and_close_to_float32():
