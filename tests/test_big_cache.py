@@ -94,3 +94,35 @@ def test_logistic_regression_that_cannot_fit_in_memory_is_refused_in_one_line(bi
         LogisticRegressionHead().fit(huge, huge.labels, huge, huge.labels)
     message = str(refused.value)
     assert "\n" not in message and "GiB" in message and 'head.kind = "dense"' in message
+
+
+def test_logistic_regression_holds_one_normalisation_of_the_rows_at_a_time(tmp_path):
+    """Trying three normalisations must not hold three copies of the training matrix (a 1M-row
+    cache was killed for memory that way): numpy's allocations, traced, stay near one copy."""
+    import tracemalloc
+
+    rows, dim = 20_000, 64
+    path = tmp_path / "wide.h5"
+    rng = np.random.default_rng(1)
+    with CacheWriter(path, FP, dim, dtype="float16") as cache:
+        labels = np.arange(rows) % CLASSES
+        keys = [f"{i:064x}" for i in range(rows)]
+        cache.commit(keys, rng.normal(0, 2, (CLASSES, dim))[labels] + rng.normal(0, 1, (rows, dim)),
+                     [(f"{i}.jpg", FileRecord(1, 1, key, 1)) for i, key in enumerate(keys)])
+    with FeatureCache(path, FP) as cache:
+        train = FeatureRows.of(cache, np.arange(18_000), labels[:18_000])
+        val = FeatureRows.of(cache, np.arange(18_000, rows), labels[18_000:])
+    peaks = {}
+    for normalizations in (["none"], ["none", "l2", "sqrt"]):
+        head = LogisticRegressionHead(c_values=[1.0], normalizations=normalizations, max_iter=50)
+        tracemalloc.start()
+        try:
+            head.fit(train, train.labels, val, val.labels)
+            peaks[len(normalizations)] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert {entry["normalization"] for entry in head.history_} == {"none", "l2", "sqrt"}
+    matrix = 18_000 * dim * 4
+    # chunked reads and moments add fixed-size temporaries, large beside this small matrix; a second
+    # copy of the rows would add a whole matrix per normalisation
+    assert peaks[3] - peaks[1] < 0.1 * matrix, f"{(peaks[3] - peaks[1]) / matrix:.2f} matrices more"

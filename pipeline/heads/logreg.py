@@ -68,13 +68,17 @@ class LogisticRegressionHead(FeatureHead):
         X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes)
         n_classes = len(self.classes_)
         _check_memory(X, X_val)
-        raw, y = _owned_float32(X, y)
-        raw_val, y_val = _owned_float32(X_val, y_val)
         weights = [0.0] if views is None else sorted(set(config.view_weights))
-        problems = []  # in the order of preference among equals
+        c_values = sorted(config.c_values)
+        chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
+        problems, fitted = [], []  # problems: (normalization, weight, mean, scale) in the order of preference among equals
         for normalization in dict.fromkeys(config.normalizations):
-            Z, Z_val = (normalize(matrix, normalization) if normalization != "none" else matrix.copy()
-                        for matrix in (raw, raw_val))  # standardised in place below: raw stays as read
+            # one normalisation's matrices at a time, read (or copied) afresh and transformed in place:
+            # three normalisations of a million rows must not hold three copies of them
+            Z, labels = _owned_float32(X, y)
+            Z_val, y_val = _owned_float32(X_val, y_val)
+            for matrix in (Z, Z_val):
+                _normalize_in_place(matrix, normalization)
             mean, variance = _moments(Z)
             scale = _standard_scale(variance)
             for matrix in (Z, Z_val):
@@ -83,40 +87,22 @@ class LogisticRegressionHead(FeatureHead):
             if views is not None:
                 Z_views = normalize(np.asarray(views[0], np.float32), normalization)
                 _standardise_in_place(Z_views, mean, scale)
+            jobs = []
             for weight in weights:
                 if weight:
-                    rows, labels = np.vstack([Z, Z_views]), np.concatenate([y, views[1]])
-                    sample_weight = np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)])
+                    rows = (np.vstack([Z, Z_views]), np.concatenate([labels, views[1]]),
+                            np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)]))
                 else:
-                    rows, labels, sample_weight = Z, y, None
-                problems.append((normalization, weight, mean, scale, rows, labels, sample_weight, Z_val))
-        c_values = sorted(config.c_values)
-        chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
-
-        def fit_chain(job: tuple[int, list[float]]) -> list[tuple]:
-            number, chain = job
-            *_, rows, labels, sample_weight, Z_val = problems[number]
-            model = LogisticRegression(max_iter=config.max_iter, tol=config.tol, warm_start=True)
-            fitted = []
-            for c in chain:
-                model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
-                proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
-                proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
-                score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
-                fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
-                               model.classes_.copy(), model.n_iter_.copy()))
-            return fitted
-
-        jobs = [(number, chain) for number in range(len(problems)) for chain in chains]
-        workers = min(len(jobs), usable_cores())
-        # warning filters are process-wide, so they are set here, around every thread, not inside one
-        with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
-            fitted = sorted((fit for chain in pool.map(fit_chain, jobs) for fit in chain), key=lambda fit: fit[:2])
+                    rows = (Z, labels, None)
+                problems.append((normalization, weight, mean, scale))
+                jobs += [(len(problems) - 1, rows, chain) for chain in chains]
+            fitted += _fit_chains(jobs, Z_val, y_val, n_classes, config)
+            del Z, Z_val, Z_views, jobs, rows
+        fitted.sort(key=lambda fit: fit[:2])
         self.history_ = [{"C": c, "normalization": problems[number][0], "view_weight": problems[number][1],
                           "val_accuracy": score[0], "val_log_loss": -score[1]} for number, c, score, *_ in fitted]
         number, self.C_, _, coef, intercept, classes, self.n_iter_ = max(fitted, key=lambda fit: fit[2])  # first of equals
-        self.normalization_, self.view_weight_, self.mean_, self.scale_ = problems[number][:4]
+        self.normalization_, self.view_weight_, self.mean_, self.scale_ = problems[number]
         self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
         return self
 
@@ -187,6 +173,37 @@ def normalize(X: np.ndarray, kind: str) -> np.ndarray:
     if kind == "sqrt":
         X = np.sign(X) * np.sqrt(np.abs(X))
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12).astype(X.dtype)
+
+
+def _fit_chains(jobs: list, Z_val: np.ndarray, y_val: np.ndarray, n_classes: int, config: LogRegConfig) -> list[tuple]:
+    """Each job's chain of C values, warm-started, the chains side by side on the usable cores;
+    each fit scored on validation. Returns (problem, C, score, coef, intercept, classes, n_iter)."""
+
+    def fit_chain(job) -> list[tuple]:
+        number, (rows, labels, sample_weight), chain = job
+        model = LogisticRegression(max_iter=config.max_iter, tol=config.tol, warm_start=True)
+        fitted = []
+        for c in chain:
+            model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
+            proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
+            proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
+            score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
+            fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
+                           model.classes_.copy(), model.n_iter_.copy()))
+        return fitted
+
+    workers = min(len(jobs), usable_cores())
+    # warning filters are process-wide, so they are set here, around every thread, not inside one
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
+        return [fit for chain in pool.map(fit_chain, jobs) for fit in chain]
+
+
+def _normalize_in_place(X: np.ndarray, kind: str) -> None:
+    """`normalize`, a chunk of rows at a time, into X itself."""
+    if kind != "none":
+        for start in range(0, len(X), _CHUNK_ROWS):
+            X[start:start + _CHUNK_ROWS] = normalize(X[start:start + _CHUNK_ROWS], kind)
 
 
 def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
