@@ -30,6 +30,13 @@ EXPECTED = {  # name: (input size, feature width) with the default alpha
 }
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no weights here
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # and no download, anywhere
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_backbone_shares_one_signature_and_its_own_preprocessing(name):
     config = load_config(None, [f"backbone.name={name}", "backbone.weights=random"]).backbone
@@ -64,11 +71,8 @@ def test_every_registered_backbone_is_tested_and_has_its_own_stable_fingerprint(
 
 @pytest.mark.parametrize("name", ["efficientnet_v2_b0", "efficientnet_v2_s", "convnext_tiny", "convnext_small",
                                   "mobilenet_v3_small", "mobilenet_v3_large", "resnet50_v2"])
-def test_the_weights_file_recorded_is_the_one_keras_downloads(monkeypatch, tmp_path, name):
+def test_the_weights_file_recorded_is_the_one_keras_downloads(offline, name):
     """Keras' own download (checked against its own hash) stays the path; the record names the same file."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no weights here
-    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # and no download, anywhere
-        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     config = load_config(None, [f"backbone.name={name}"]).backbone
     with pytest.raises(PipelineError) as info:
         backbones.build_model(config)
@@ -132,10 +136,7 @@ def test_fingerprint_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-def test_missing_imagenet_weights_say_so_in_one_line(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no weights here
-    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):  # and no download, anywhere
-        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+def test_missing_imagenet_weights_say_so_in_one_line(offline, caplog):
     config = load_config(None, ["backbone.name=inception_v3"])
     assert backbones.fingerprint(config) is None
     with pytest.raises(PipelineError) as info:
