@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import sys
+import uuid
 
 from tqdm import tqdm
 
@@ -55,7 +56,9 @@ def extract_on_dask(config: Config, fingerprint: dict, cache: CacheWriter, entri
         hosts = collections.Counter(address.rsplit(":", 1)[0].split("://")[-1]
                                     for address in client.scheduler_info()["workers"])
         client.register_plugin(ExtractorPlugin(config, fingerprint, dict(hosts)), name=PLUGIN_NAME)
-        known_keys = client.scatter(KnownKeys(known), broadcast=True)
+        # a task, not scattered data: if every worker holding it dies, the scheduler computes it again
+        # (scattered data would be lost with them, and every shard waiting on it with it)
+        known_keys = client.submit(KnownKeys, KnownKeys(known).keys, key=f"known-keys-{uuid.uuid4().hex}", pure=False)
         futures = {client.submit(extract_shard, shard, str(directory), known_keys, key=f"extract-shard-{shard.id}",
                                  retries=config.extract.retries, pure=False): shard for shard in shards}
         bar = tqdm(total=len(stale), unit="img", desc=f"extract ({sum(hosts.values())} dask workers)",

@@ -42,7 +42,10 @@ def open_cache(config: Config) -> FeatureCache:
     if fp is None:
         raise CacheError(f"no ImageNet weights for {config.backbone.name} on this machine, so nothing can "
                          "have been extracted with them; fix: run `make extract` first")
-    return FeatureCache(cache_path(config.cache.dir, config.dataset_name, fp), fp)
+    path = cache_path(config.cache.dir, config.dataset_name, fp)
+    if not path.exists():  # a wrong data.root also names a cache that is not there: say the cause first
+        dataset_from_config(config)
+    return FeatureCache(path, fp)
 
 
 @dataclass

@@ -151,7 +151,7 @@ class KnownKeys:
     """The cache's keys as one sorted array: cheap to send to every worker once, `in` by bisection."""
 
     def __init__(self, keys):
-        self.keys = np.array(sorted(keys), dtype="S64")
+        self.keys = np.sort(np.array(list(keys), dtype="S64"))
 
     def __contains__(self, key) -> bool:
         probe = np.bytes_(key.encode() if isinstance(key, str) else key)
