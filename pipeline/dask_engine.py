@@ -20,6 +20,7 @@ import os
 import sys
 import uuid
 
+import numpy as np
 from tqdm import tqdm
 
 from .cache import CacheWriter
@@ -58,7 +59,7 @@ def extract_on_dask(config: Config, fingerprint: dict, cache: CacheWriter, entri
         client.register_plugin(ExtractorPlugin(config, fingerprint, dict(hosts)), name=PLUGIN_NAME)
         # a task, not scattered data: if every worker holding it dies, the scheduler computes it again
         # (scattered data would be lost with them, and every shard waiting on it with it)
-        known_keys = client.submit(KnownKeys, KnownKeys(known).keys, key=f"known-keys-{uuid.uuid4().hex}", pure=False)
+        known_keys = client.submit(KnownKeys, np.array(list(known), dtype="S64"), key=f"known-keys-{uuid.uuid4().hex}", pure=False)
         futures = {client.submit(extract_shard, shard, str(directory), known_keys, key=f"extract-shard-{shard.id}",
                                  retries=config.extract.retries, pure=False): shard for shard in shards}
         bar = tqdm(total=len(stale), unit="img", desc=f"extract ({sum(hosts.values())} dask workers)",

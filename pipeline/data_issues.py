@@ -124,7 +124,7 @@ class NeighbourIndex:
     """Cosine k-nearest-neighbour search over unit vectors.
 
     Exact (scikit-learn, brute force) up to `exact_up_to` rows; beyond, faiss' HNSW graph: a
-    wheel, no training step, recall 1.000 at 50,000 rows (tools/bench_neighbours.py; README,
+    wheel, no training step, recall 1.000 at 50,000 rows (python -m pipeline.neighbours_bench; README,
     "Know your data", for hnswlib and faiss IVF beside it).
     """
 

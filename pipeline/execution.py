@@ -321,11 +321,9 @@ class PathChooser:
             return self(batch)
         if self.chosen is None and full:
             self._schedule.pop(0)
-            if not warm:
+            if not warm:  # every warm-up comes before the first timed call: the schedule ends on one of these
                 self._seconds[path.name].append(self.clock() - started)
                 self._cut_clear_losers()
-            elif not self._schedule:
-                self._decide_by_trial()
         return rows
 
     def _cut_clear_losers(self) -> None:

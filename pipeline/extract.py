@@ -199,7 +199,7 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
         return key in added or key in known
 
     in_flight = []  # the commit being written while the backbone runs: at most one
-    model = []  # the extractor, got once
+    backbone = None  # the extractor, got for the first batch of pixels
 
     def finish_commit():
         """Wait for the commit in flight; its error, if any, is raised here as it was there."""
@@ -207,6 +207,7 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
             in_flight.pop().result()
 
     def commit():
+        nonlocal backbone
         if not (batch or pending_files or pending_failures):
             return
         fresh = {}
@@ -217,10 +218,10 @@ def extract_files(jobs: Iterable[tuple[ImageEntry, os.stat_result | None]], sink
         pixels = [fresh[key].image for key in keys] + [fresh[key].views[index] for key, index in view_ids]
         feature_rows = np.zeros((0, 0), np.float32)
         if pixels:  # in backbone batches: a photo with its views is more than one image
-            if not model:
+            if backbone is None:
                 finish_commit()  # getting the model may create the feature dataset: no commit may be writing
-                model.append(get_extractor())
-            backbone, step = model[0], config.backbone.batch_size
+                backbone = get_extractor()
+            step = config.backbone.batch_size
             feature_rows = np.concatenate([backbone(np.stack(pixels[start:start + step]))
                                            for start in range(0, len(pixels), step)])
             counts.backbone_batches += -(-len(pixels) // step)

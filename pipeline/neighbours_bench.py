@@ -3,7 +3,7 @@
 Builds a cosine k-NN index over N unit vectors (clustered like real bottleneck features:
 class centres plus per-image spread) with each candidate that installs here, queries every
 row for its 10 nearest neighbours, and reports build and query time and recall@10
-against exact search on a sample. Run: `python tools/bench_neighbours.py [N] [DIM]`.
+against exact search on a sample. Run: `python -m pipeline.neighbours_bench [N] [DIM]`.
 """
 
 import os

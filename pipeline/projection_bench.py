@@ -4,7 +4,7 @@ Points: real cached features (a cache file given on the command line) resampled 
 with a little noise per copy, in 100 pseudo-classes (each real class split by k-means), so
 the map must keep 100 groups apart. Quality: trustworthiness (are 2-D neighbours real
 neighbours, scikit-learn) and the accuracy of a 5-NN classifier in 2-D (are classes kept
-together). Run: `python tools/bench_projection.py CACHE.h5 [N]`.
+together). Run: `python -m pipeline.projection_bench CACHE.h5 [N]`.
 """
 
 import sys
