@@ -64,22 +64,20 @@ def train(config: Config, head=None) -> TrainResult:
         samples, labels, conflicts = found.samples, found.labels, found.conflicts
         class_of = found.class_of()
         rows = cache.row_index()
-        data, keys = {}, {}
+        data, keys, classes = {}, {}, {}  # classes: per split, in the order of keys (FeatureRows sorts its rows)
         for split in ("train", "val"):
             chosen = [s for s in samples if s.split == split and s.label is not None]
             if not chosen:
                 raise DatasetError(f"the {split} split is empty; fix: add images or adjust data.val_percent")
             keys[split] = [s.key for s in chosen]
-            labels_of = [class_of[s.label] for s in chosen]
+            labels_of = classes[split] = np.array([class_of[s.label] for s in chosen])
             if split == "val" and config.head.tta != "none":  # scored as the report will: clean and mirror
-                data[split] = scoring_features(cache, keys[split], config.head.tta), np.array(labels_of)
+                data[split] = scoring_features(cache, keys[split], config.head.tta), labels_of
             else:
                 rows_of = FeatureRows.of(cache, [rows[key] for key in keys[split]], labels_of)
                 data[split] = rows_of, rows_of.labels
         view_indices = augment.wanted_views(config.augment.views, config.head.tta)
-        views = training_views(cache, keys["train"], np.array([class_of[s.label] for s in samples
-                                                               if s.split == "train" and s.label is not None]),
-                               view_indices) if view_indices else None
+        views = training_views(cache, keys["train"], classes["train"], view_indices) if view_indices else None
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
     head = head if head is not None else make_head(config.head)
     if views is not None and not getattr(head, "learns_from_views", False):
