@@ -135,6 +135,7 @@ class FeatureCache:
                              "`python -m pipeline extract`) with the same config first")
         self._file = None
         self._lock_fd = _shared_lock(self.path)
+        _LOCK_FDS.add(self._lock_fd)
         try:
             self._file = _open_hdf5(self.path, self.path, "r", locking=False)
             if fingerprint is not None:
@@ -165,6 +166,7 @@ class FeatureCache:
                 self._file = None
         finally:
             if self._lock_fd is not None:
+                _LOCK_FDS.discard(self._lock_fd)
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
@@ -263,12 +265,14 @@ class CacheWriter(FeatureCache):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._owner = _acquire_lock(self.path)
+            _LOCK_FDS.add(self._owner.fileno())
             if rebuild:
                 for stale in (self.path, journal_path(self.path)):
                     stale.unlink(missing_ok=True)
             if not self.path.exists():
                 _create(self.path, fingerprint)
             self._raw = JournaledFile(self.path, file_identity(self.path))
+            _LOCK_FDS.add(self._raw.fileno())
             with self._update():
                 self._file = _open_hdf5(self.path, self._raw, "r+")
                 self._check_fingerprint(fingerprint)
@@ -402,8 +406,10 @@ class CacheWriter(FeatureCache):
                 os.fsync(self._raw.fileno())  # a finished extract survives a power cut
         finally:
             if self._raw is not None:
+                _LOCK_FDS.discard(self._raw.fileno())
                 self._raw.close()
             if self._owner is not None:
+                _LOCK_FDS.discard(self._owner.fileno())
                 self._owner.close()
 
 
@@ -472,6 +478,28 @@ def _append(group: h5py.Group, columns: dict[str, list]) -> None:
         dataset.resize(start + len(columns[name]), axis=0)
         values = columns[name]
         dataset[start:] = np.array(values, dtype=_KEY) if name == "key" else np.array(values, dtype=dataset.dtype)
+
+
+# Descriptors whose flocks belong to this process's readers and writers. A forked child shares
+# them, and with them the locks: OpenVINO's telemetry forks one while converting a model, and a
+# writer killed meanwhile left its cache "being written" for as long as that child lived.
+_LOCK_FDS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child: point every lock descriptor at /dev/null, so only the parent holds the locks."""
+    if not _LOCK_FDS:
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _shared_lock(path: Path) -> int:

@@ -9,6 +9,7 @@ state from open to close, and the writer says so when it has to wait for one.
 import contextlib
 import fcntl
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones
-from pipeline.cache import FeatureCache, cache_path
+from pipeline.cache import CacheWriter, FeatureCache, cache_path
 from pipeline.cli import main
 from pipeline.extract import run_extract
 
@@ -152,3 +153,27 @@ def test_train_and_report_read_a_consistent_snapshot_while_extract_writes(tmp_pa
         for key, row in rows.items():
             np.testing.assert_allclose(row, final[key], rtol=1e-5, atol=1e-6)
     assert main(["train", *args]) == 0
+
+
+def test_a_forked_child_never_keeps_the_writers_or_readers_locks(tmp_path):
+    """OpenVINO's telemetry forks a child while converting a model; a writer killed meanwhile left
+    its cache locked ("being written by" the dead writer) for as long as that child lived."""
+    path, fp = tmp_path / "c.h5", {"backbone": "mobilenet", "weights": "random:seed=0", "input_size": 224}
+    writer = CacheWriter(path, fp)
+    ready, release = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds whatever it inherited until the parent lets it go; does nothing else
+        os.close(release)
+        os.read(ready, 1)
+        os._exit(0)
+    os.close(ready)
+    try:
+        writer.close()
+        with FeatureCache(path, fp):  # readers open it
+            pass
+        with CacheWriter(path, fp):  # the writer's lock is free although the child still lives
+            pass
+        assert os.waitpid(child, os.WNOHANG) == (0, 0), "the child was alive throughout"
+    finally:
+        os.close(release)
+        os.waitpid(child, 0)
