@@ -183,12 +183,16 @@ class AugmentConfig(Section, key="augment"):
 
 @dataclass(frozen=True)
 class LogRegConfig(Section, key="head.logreg"):
-    c_values: list[float] = setting(factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0], above=0)
+    c_values: list[float] = setting(factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0], above=0)
     max_iter: int = setting(1000, at_least=1)
-    # tried with each C, and the best on validation kept: none, l2 (unit length), sqrt (signed root, then l2)
+    # tried with each C, and the best kept: none, l2 (unit length), sqrt (signed root, then l2)
     normalizations: list[Literal["none", "l2", "sqrt"]] = field(default_factory=lambda: ["none", "l2", "sqrt"])
     # the weight of each augmented view's row, tried with each C; 0 leaves views out
     view_weights: list[float] = setting(factory=lambda: [0.0, 0.3, 1.0], at_least=0, at_most=1)
+    # how the setting is chosen: cv (k-fold cross-validation over the training images; the validation
+    # split is then never tuned on) or validation (scored on the validation split: fits its noise when small)
+    selection: Literal["cv", "validation"] = "cv"
+    folds: int = setting(5, at_least=2)  # cross-validation folds
     tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 
 

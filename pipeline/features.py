@@ -264,15 +264,32 @@ def scoring_features(cache: FeatureCache, keys: list[str], tta: str) -> np.ndarr
     return (clean + mirrored) / 2
 
 
-def training_views(cache: FeatureCache, keys: list[str], classes: np.ndarray,
-                   indices: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Feature rows and classes of the given views of training images (never of validation or test ones)."""
+@dataclass(frozen=True)
+class TrainingViews:
+    """Augmented views of training images, as a head learns from them: one row per view, its
+    class, and the training row it is a view of (so that cross-validation keeps an image's
+    views in its own fold)."""
+    features: np.ndarray  # (n_views, d) float32
+    labels: np.ndarray  # (n_views,) class indices
+    sources: np.ndarray  # (n_views,) the row of the training rows each view is of
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def training_views(cache: FeatureCache, keys: list[str], classes: np.ndarray, indices: tuple[int, ...],
+                   positions: np.ndarray | None = None) -> TrainingViews:
+    """Feature rows and classes of the given views of training images (never of validation or test
+    ones); `positions` are the keys' rows among the training rows the head gets (default: their order)."""
     recipe_id = augment.RECIPE.fingerprint_id()
     views = cache.view_index(recipe_id) if indices else {}
-    wanted = [(key, index, label) for key, label in zip(keys, classes) for index in indices]
-    missing = [key for key, index, _ in wanted if (key, index) not in views]
+    positions = np.arange(len(keys)) if positions is None else np.asarray(positions, np.int64)
+    wanted = [(key, index, label, position) for key, label, position in zip(keys, classes, positions)
+              for index in indices]
+    missing = [key for key, index, *_ in wanted if (key, index) not in views]
     if missing:
         raise CacheError(f"{len(set(missing))} training image(s) lack some of their {len(indices)} view(s) in "
                          f"{cache.path}; fix: run `make extract` with the same augment.views and head.tta")
-    features = cache.read_view_features(recipe_id, [views[(key, index)] for key, index, _ in wanted])
-    return features, np.array([label for _, _, label in wanted], dtype=np.int64)
+    features = cache.read_view_features(recipe_id, [views[(key, index)] for key, index, *_ in wanted])
+    return TrainingViews(features, np.array([label for _, _, label, _ in wanted], dtype=np.int64),
+                         np.array([position for *_, position in wanted], dtype=np.int64))

@@ -319,12 +319,19 @@ def _history_section(run: Run) -> str:
         return (f'<section><h2>Training curves</h2><p class="note">{esc(note)}</p>'
                 f'<div class="charts">{"".join(charts)}</div></section>')
     if history and "C" in history[0]:
-        chosen = run.info.params.get("C")
-        rows = "".join(f'<tr class="{"chosen" if h["C"] == chosen else ""}"><td>{h["C"]:g}</td>'
-                       f'<td>{h["val_accuracy"]:.4f}</td><td>{h["val_log_loss"]:.4f}</td></tr>' for h in history)
-        return ('<section><h2>Regularisation search</h2><p class="note">Each C tried on the validation split; the '
-                'highlighted one was kept.</p><table class="plain"><thead><tr><th>C</th><th>val accuracy</th>'
-                f"<th>val log loss</th></tr></thead><tbody>{rows}</tbody></table></section>")
+        params = run.info.params
+        on = "cv" if "cv_accuracy" in history[0] else "val"  # heads chosen on validation keep val_ scores
+        setting = ("C", "normalization", "view_weight")
+        rows = "".join(f'<tr class="{"chosen" if all(h.get(k) == params.get(k) for k in setting) else ""}">'
+                       f'<td>{h["C"]:g}</td><td>{esc(str(h.get("normalization", "none")))}</td>'
+                       f'<td>{h.get("view_weight", 0.0):g}</td>'
+                       f'<td>{h[f"{on}_accuracy"]:.4f}</td><td>{h[f"{on}_log_loss"]:.4f}</td></tr>' for h in history)
+        where, what = (("by cross-validation over the training images (the validation split took no part)", "cv")
+                       if on == "cv" else ("on the validation split", "val"))
+        return ('<section><h2>Regularisation search</h2><p class="note">Each setting scored '
+                f'{where}; the highlighted one was kept.</p><table class="plain"><thead><tr><th>C</th>'
+                f"<th>normalisation</th><th>view weight</th><th>{what} accuracy</th><th>{what} log loss</th></tr>"
+                f"</thead><tbody>{rows}</tbody></table></section>")
     return ""
 
 

@@ -77,12 +77,15 @@ def train(config: Config, head=None) -> TrainResult:
                 rows_of = FeatureRows.of(cache, [rows[key] for key in keys[split]], labels_of)
                 data[split] = rows_of, rows_of.labels
         view_indices = augment.wanted_views(config.augment.views, config.head.tta)
-        views = training_views(cache, keys["train"], classes["train"], view_indices) if view_indices else None
+        views = None
+        if view_indices:  # each view knows its image's row among the training rows (sorted by cache row)
+            positions = np.searchsorted(data["train"][0].rows, [rows[key] for key in keys["train"]])
+            views = training_views(cache, keys["train"], classes["train"], view_indices, positions)
         fingerprint, cache_file = cache.fingerprint, str(cache.path)
     head = head if head is not None else make_head(config.head)
     if views is not None and not getattr(head, "learns_from_views", False):
         warnings.append(f"head.kind = {head.kind!r} does not use augmented views; fix: use head.kind = \"logreg\" "
-                        "to let validation decide whether views help")
+                        "to let cross-validation decide whether views help")
         views = None
     # heads read (or stream) their splits from the cache themselves: a big split is never held twice
     (train_X, train_y), (val_X, val_y) = data["train"], data["val"]
@@ -96,7 +99,7 @@ def train(config: Config, head=None) -> TrainResult:
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), failed_images=found.failed, label_conflicts=conflicts,
                    train_seconds=seconds,
                    features={"pool_blocks": config.backbone.pool_blocks, "views": config.augment.views,
-                             "views_used": len(views[1]) if views else 0,
+                             "views_used": len(views) if views else 0,
                              "view_recipe": augment.RECIPE.fingerprint_id(), "tta": config.head.tta})
     return TrainResult(head, labels, split_sizes, val_accuracy, seconds, samples, info,
                        found.warnings + conflicts + warnings, config)

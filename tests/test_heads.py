@@ -8,6 +8,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.config import HeadConfig, LogRegConfig, load_config
+from pipeline.features import TrainingViews
 from pipeline.heads import load_head, make_head
 from pipeline.heads.logreg import LogisticRegressionHead
 
@@ -22,10 +23,11 @@ def _data(n_classes, seed=0):
 def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     X, y, X_val, y_val = _data(n_classes)
     head = LogisticRegressionHead(c_values=[0.01, 1.0], normalizations=["none"]).fit(X, y, X_val, y_val)
-    assert head.C_ in (0.01, 1.0)
+    assert head.C_ in (0.01, 1.0) and head.params_["selected_by"] == "5-fold cv"
     assert [h["C"] for h in head.history_] == [0.01, 1.0]
-    best = max(head.history_, key=lambda h: (h["val_accuracy"], -h["val_log_loss"]))
+    best = max(head.history_, key=lambda h: (h["cv_accuracy"], -h["cv_log_loss"]))
     assert best["C"] == head.C_
+    # the chosen C, fitted on every training row
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=head.C_, max_iter=5000, tol=1e-10)).fit(X, y)
     proba = head.predict_proba(X_val)
     assert proba.shape == (len(X_val), n_classes)
@@ -36,7 +38,32 @@ def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     head.save(tmp_path)
     loaded = load_head("logreg", tmp_path)
     np.testing.assert_array_equal(loaded.predict_proba(X_val), proba)
+    assert loaded.params_ == head.params_
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "head.h5").is_file()
+
+
+def test_logreg_cross_validation_never_looks_at_validation_and_ignores_row_order():
+    """The default choice is k-fold cross-validation over the training rows: the validation split
+    (here with shuffled labels) changes nothing, and neither does the order of the rows, since
+    each row's fold comes from its features."""
+    X, y, X_val, y_val = _data(3)
+    settings = dict(c_values=[0.001, 0.03, 1.0], normalizations=["none", "sqrt"])
+    X, X_val = np.abs(X), np.abs(X_val)
+    head = LogisticRegressionHead(**settings).fit(X, y, X_val, y_val)
+    shuffled = np.random.default_rng(0).permutation(len(y_val))
+    other = LogisticRegressionHead(**settings).fit(X, y, X_val, y_val[shuffled])
+    np.testing.assert_array_equal(other.coef_, head.coef_)
+    assert other.history_ == head.history_
+    order = np.random.default_rng(1).permutation(len(y))
+    reordered = LogisticRegressionHead(**settings).fit(X[order], y[order], X_val, y_val)
+    assert reordered.params_ == head.params_
+    np.testing.assert_allclose([h["cv_accuracy"] for h in reordered.history_],
+                               [h["cv_accuracy"] for h in head.history_])
+    assert len(head.history_) == 6 and {h["normalization"] for h in head.history_} == {"none", "sqrt"}
+    by_validation = LogisticRegressionHead(**settings, selection="validation").fit(X, y, X_val, y_val)
+    assert by_validation.params_["selected_by"] == "validation" and "val_accuracy" in by_validation.history_[0]
+    without_val = LogisticRegressionHead(**settings).fit(X, y)  # no validation split needed, none carved
+    np.testing.assert_array_equal(without_val.coef_, head.coef_)
 
 
 @pytest.mark.parametrize("kind", ["l2", "sqrt"])
@@ -53,19 +80,53 @@ def test_logreg_normalisation_is_sklearn_on_normalised_vectors_and_round_trips(t
     np.testing.assert_array_equal(load_head("logreg", tmp_path).predict_proba(X_val), head.predict_proba(X_val))
 
 
-def test_logreg_view_weight_zero_is_the_plain_head_and_the_choice_never_loses_on_validation():
+def _views_of(X, y, noise, seed=0):
+    """One noisy view per training row, each knowing its row."""
+    rng = np.random.default_rng(seed)
+    return TrainingViews(X + rng.normal(0, noise, X.shape), y, np.arange(len(y)))
+
+
+@pytest.mark.parametrize("selection", ["cv", "validation"])
+def test_logreg_view_weight_zero_is_the_plain_head_and_the_choice_never_loses(selection):
+    """With 0 among the view weights the chosen head is never worse than the plain head on what it
+    is chosen on: the cross-validation score (the default), or the validation split."""
     X, y, X_val, y_val = _data(3)
-    rng = np.random.default_rng(0)
-    views = (X + rng.normal(0, 3.0, X.shape), y)  # noisy views
-    config = LogRegConfig(c_values=[0.01, 1.0], normalizations=["none"], view_weights=[0.0])
+    views = _views_of(X, y, noise=3.0)  # noisy views
+    config = LogRegConfig(c_values=[0.01, 1.0], normalizations=["none"], view_weights=[0.0], selection=selection)
     plain = LogisticRegressionHead.from_config(config).fit(X, y, X_val, y_val)
-    chosen = LogisticRegressionHead(c_values=[0.01, 1.0], normalizations=["none"],
-                                    view_weights=[0.0, 0.3, 1.0]).fit(X, y, X_val, y_val, views=views)
+    chosen = LogisticRegressionHead(c_values=[0.01, 1.0], normalizations=["none"], view_weights=[0.0, 0.3, 1.0],
+                                    selection=selection).fit(X, y, X_val, y_val, views=views)
     assert {h["view_weight"] for h in chosen.history_} == {0.0, 0.3, 1.0}
-    accuracy = lambda head: (head.predict_proba(X_val).argmax(1) == y_val).mean()  # noqa: E731
-    assert accuracy(chosen) >= accuracy(plain)
+    score = "cv_accuracy" if selection == "cv" else "val_accuracy"
+    kept = next(h for h in chosen.history_ if (h["C"], h["view_weight"]) == (chosen.C_, chosen.view_weight_))
+    assert kept[score] >= max(h[score] for h in plain.history_)
+    if selection == "validation":
+        accuracy = lambda head: (head.predict_proba(X_val).argmax(1) == y_val).mean()  # noqa: E731
+        assert accuracy(chosen) >= accuracy(plain)
     only_zero = LogisticRegressionHead.from_config(config).fit(X, y, X_val, y_val, views=views)
     np.testing.assert_array_equal(only_zero.coef_, plain.coef_)
+
+
+def test_logreg_cross_validation_keeps_each_images_views_in_its_fold():
+    """Random labels on more dimensions than rows: a model can memorise its training rows but
+    predicts held-out rows at chance. Views that are exact copies of their images would score
+    near 1 in cross-validation if a held-out image's copy were trained on; they score at chance."""
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(80, 160)), rng.integers(0, 2, 80)
+    views = TrainingViews(X.copy(), y.copy(), np.arange(80))
+    head = LogisticRegressionHead(c_values=[10.0], normalizations=["none"], view_weights=[0.0, 1.0]).fit(
+        X, y, X[:4], y[:4], views=views)
+    with_copies = next(h for h in head.history_ if h["view_weight"] == 1.0)
+    assert with_copies["cv_accuracy"] < 0.75
+    assert (head.predict(X) == y).mean() == 1.0  # memorised: a leak would have shown
+
+
+def test_logreg_too_few_rows_to_cross_validate_keeps_the_simplest_setting(caplog):
+    X, y = np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([0, 1])
+    head = LogisticRegressionHead(c_values=[0.1, 1.0], normalizations=["l2", "none"]).fit(X, y, X, y)
+    assert head.params_["C"] == 0.1 and head.params_["normalization"] == "l2"
+    assert "too few to cross-validate" in caplog.text
+    assert (head.predict(X) == y).all()
 
 
 def test_logreg_class_missing_from_training_is_never_predicted():

@@ -3,8 +3,10 @@
 A head is a scikit-learn classifier (`BaseEstimator`, `ClassifierMixin`): its settings are
 keyword parameters named as in its config table, `get_params`/`set_params`/`clone` work, and
 `cross_val_score` or `GridSearchCV` run on cached features. It is fitted with
-`fit(X, y)`, or `fit(X, y, X_val, y_val)` to choose its own hyperparameters on a given
-validation split (what `train` does); without one it holds out a fixed fifth of X for that.
+`fit(X, y)`, or `fit(X, y, X_val, y_val)` with a validation split (what `train` does): the
+dense head stops early on it, the logistic-regression head chooses its hyperparameters by
+cross-validation over X (or on it, with `selection = "validation"`). A head that needs a
+validation split and gets none holds out a fixed fifth of X for that.
 Labels may be anything scikit-learn accepts (`classes_` keeps them); `train` passes class
 indices with `n_classes`, so that a class absent from the training rows still has a column.
 """
@@ -42,22 +44,27 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
         return self.config_class(**{key: list(value) if isinstance(value, tuple) else value
                                     for key, value in self.get_params().items()})
 
-    def _prepare(self, X, y, X_val, y_val, n_classes: int | None) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    def _prepare(self, X, y, X_val, y_val, n_classes: int | None,
+                 hold_out: bool = True) -> tuple[Any, np.ndarray, Any, np.ndarray]:
         """Checked inputs with labels as class indices; sets `classes_` and `n_features_in_`.
 
         Cached rows (FeatureRows) carry class indices already. Arrays are checked as
         scikit-learn checks them (2-d, finite, numeric); without a validation split a fixed
-        random fifth of X becomes one (all of X when it is too small to split).
+        random fifth of X becomes one (all of X when it is too small to split) if `hold_out`,
+        else there is none (a head that cross-validates on X needs none).
         """
         if isinstance(X, FeatureRows):
-            y, y_val = np.asarray(y), np.asarray(y_val)
+            y = np.asarray(y)
+            y_val = np.asarray(y if y_val is None else y_val)
             self.classes_ = np.arange(n_classes or int(max(y.max(), y_val.max())) + 1)
             self.n_features_in_ = X.feature_dim
             return X, y, X_val, y_val
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
-        if X_val is None:
+        if X_val is None and hold_out:
             X, y, X_val, y_val = _held_out(X, y)
+        elif X_val is None:
+            X_val, y_val = X[:0], y[:0]
         else:
             X_val = validate_data(self, X_val, dtype=[np.float32, np.float64], reset=False)
             y_val = np.asarray(y_val)

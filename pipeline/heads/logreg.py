@@ -1,5 +1,6 @@
 """Logistic regression on normalised, standardised features; normalisation, the weight of
-augmented views and the strength C chosen on validation data.
+augmented views and the strength C chosen by cross-validation over the training images (or,
+with `selection = "validation"`, on the validation split).
 
 Fitted with scikit-learn, stored as the four arrays that define it (mean, scale,
 coefficients, intercepts) so that loading needs no pickle and an export can rebuild it
@@ -8,6 +9,8 @@ exactly as standardisation plus one softmax layer.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,14 +19,16 @@ import h5py
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, log_loss
+from sklearn.metrics import log_loss
 from threadpoolctl import threadpool_limits
 
 from ..config import LogRegConfig
 from ..errors import DatasetError
 from ..execution import usable_cores
-from ..features import FeatureRows
+from ..features import FeatureRows, TrainingViews
 from .base import FeatureHead
+
+log = logging.getLogger(__name__)
 
 FILE_NAME = "head.h5"
 _CHUNK_ROWS = 8192
@@ -36,23 +41,38 @@ class LogisticRegressionHead(FeatureHead):
     config_class = LogRegConfig
     learns_from_views = True
 
-    def __init__(self, *, c_values=(0.001, 0.01, 0.1, 1.0, 10.0), max_iter: int = 1000,
-                 normalizations=("none", "l2", "sqrt"), view_weights=(0.0, 0.3, 1.0), tol: float = 1e-4):
+    def __init__(self, *, c_values=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), max_iter: int = 1000,
+                 normalizations=("none", "l2", "sqrt"), view_weights=(0.0, 0.3, 1.0), selection: str = "cv",
+                 folds: int = 5, tol: float = 1e-4):
         self.c_values = c_values
         self.max_iter = max_iter
         self.normalizations = normalizations
         self.view_weights = view_weights
+        self.selection = selection
+        self.folds = folds
         self.tol = tol
 
     def fit(self, X: np.ndarray | FeatureRows, y: np.ndarray, X_val: np.ndarray | FeatureRows | None = None,
             y_val: np.ndarray | None = None, n_classes: int | None = None,
-            views: tuple[np.ndarray, np.ndarray] | None = None) -> "LogisticRegressionHead":
-        """Try each normalisation, view weight and C; keep the best on validation accuracy (then log
-        loss; of equals, the simplest: normalisations in the order given, smaller weights, smaller C).
+            views: TrainingViews | None = None) -> "LogisticRegressionHead":
+        """Try each normalisation, view weight and C; keep the best (accuracy, then log loss; of
+        equals, the simplest: normalisations in the order given, smaller weights, smaller C).
+
+        With `selection = "cv"` (the default) each setting is scored by stratified k-fold
+        cross-validation over the training rows: every row is held out once, in a fold drawn
+        from a hash of its features (so the folds do not depend on the rows' order, the
+        machine or the core count), and scored by a model fitted on the other folds. The
+        chosen setting is then fitted on all training rows. The validation split plays no
+        part in the choice, so its score is one the head was never tuned on. With
+        `selection = "validation"` each setting is fitted on the training rows and scored on
+        the validation split (choosing among many settings on a small validation split fits
+        its noise: README, "Augmented views, TTA and richer features").
 
         `views` are extra rows from augmented views of the training images, each weighted by the
         view weight; 0 leaves them out, so with 0 among `view_weights` the choice is never worse
-        on validation than the plain head. Standardisation is fitted on the clean rows only.
+        than the plain head on what it is chosen on (the cross-validation score, or the
+        validation split). In cross-validation a view is in its image's fold: a held-out image's
+        views are never trained on. Standardisation is fitted on the clean rows only.
 
         The features are standardised in float32 arrays the head owns: read from the cache
         (FeatureRows) or copied from the arrays given; splits that do not fit in memory are
@@ -65,50 +85,61 @@ class LogisticRegressionHead(FeatureHead):
         not depend on the core count, so the chosen C is the same on every machine.
         """
         config = self.checked_config()
-        X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes)
+        cross_validate = config.selection == "cv"
+        X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes, hold_out=not cross_validate)
         n_classes = len(self.classes_)
-        _check_memory(X, X_val)
+        _check_memory(X, None if cross_validate else X_val)
         weights = [0.0] if views is None else sorted(set(config.view_weights))
         c_values = sorted(config.c_values)
         chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
-        problems, fitted = [], []  # problems: (normalization, weight, mean, scale) in the order of preference among equals
+        folds, view_labels = None, None if views is None else views.labels
+        problems, scored = [], []  # problems: (normalization, weight, mean, scale) in the order of preference among equals
         for normalization in dict.fromkeys(config.normalizations):
             # one normalisation's matrices at a time, read (or copied) afresh and transformed in place:
             # three normalisations of a million rows must not hold three copies of them
             Z, labels = _owned_float32(X, y)
-            Z_val, y_val = _owned_float32(X_val, y_val)
-            for matrix in (Z, Z_val):
-                _normalize_in_place(matrix, normalization)
-            mean, variance = _moments(Z)
-            scale = _standard_scale(variance)
-            for matrix in (Z, Z_val):
-                _standardise_in_place(matrix, mean, scale)
-            Z_views = None
-            if views is not None:
-                Z_views = normalize(np.asarray(views[0], np.float32), normalization)
-                _standardise_in_place(Z_views, mean, scale)
-            jobs = []
-            for weight in weights:
-                if weight:
-                    rows = (np.vstack([Z, Z_views]), np.concatenate([labels, views[1]]),
-                            np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)]))
-                else:
-                    rows = (Z, labels, None)
-                problems.append((normalization, weight, mean, scale))
-                jobs += [(len(problems) - 1, rows, chain) for chain in chains]
-            fitted += _fit_chains(jobs, Z_val, y_val, n_classes, config)
-            del Z, Z_val, Z_views, jobs, rows
-        fitted.sort(key=lambda fit: fit[:2])
+            if cross_validate and folds is None:  # drawn from the raw rows
+                folds = _fold_numbers(Z, labels, config.folds)
+            mean, scale = _normalise_and_standardise(Z, normalization)
+            Z_views = None if views is None else _standardised_copy(views.features, normalization, mean, scale)
+            first = len(problems)
+            problems += [(normalization, weight, mean, scale) for weight in weights]
+            if cross_validate:
+                scored += _cross_validated(Z, labels, Z_views, views, folds, first, weights, chains, n_classes, config)
+            else:
+                Z_val, y_val = _owned_float32(X_val, y_val)
+                _normalize_in_place(Z_val, normalization)
+                _standardise_in_place(Z_val, mean, scale)
+                jobs = [(first + number, _weighted(Z, labels, Z_views, view_labels, weight), chain)
+                        for number, weight in enumerate(weights) for chain in chains]
+                scored += [(number, c, (correct / len(y_val), loss / len(y_val)), *fit)
+                           for number, c, (correct, loss), *fit in _fit_chains(jobs, (Z_val, y_val), n_classes, config)]
+                del Z_val, jobs
+            del Z, Z_views
+        scored.sort(key=lambda fit: fit[:2])
+        on = "cv" if cross_validate else "val"
         self.history_ = [{"C": c, "normalization": problems[number][0], "view_weight": problems[number][1],
-                          "val_accuracy": score[0], "val_log_loss": -score[1]} for number, c, score, *_ in fitted]
-        number, self.C_, _, coef, intercept, classes, self.n_iter_ = max(fitted, key=lambda fit: fit[2])  # first of equals
+                          f"{on}_accuracy": score[0], f"{on}_log_loss": -score[1]}
+                         for number, c, score, *_ in scored]
+        best = max(scored, key=lambda fit: fit[2])  # the first of equals
+        number, self.C_ = best[:2]
         self.normalization_, self.view_weight_, self.mean_, self.scale_ = problems[number]
+        self.selection_ = f"{config.folds}-fold cv" if cross_validate else "validation"
+        if cross_validate:  # the chosen setting, fitted on every training row
+            Z, labels = _owned_float32(X, y)
+            _normalise_and_standardise(Z, self.normalization_, (self.mean_, self.scale_))
+            Z_views = None if views is None else _standardised_copy(views.features, self.normalization_,
+                                                                    self.mean_, self.scale_)
+            rows = _weighted(Z, labels, Z_views, view_labels, self.view_weight_)
+            best = _fit_chains([(number, rows, [self.C_])], None, n_classes, config)[0]
+        coef, intercept, classes, self.n_iter_ = best[3:]
         self.coef_, self.intercept_ = _softmax_form(coef, intercept, classes, n_classes)
         return self
 
     @property
     def params_(self) -> dict:
-        return {"C": self.C_, "normalization": self.normalization_, "view_weight": self.view_weight_}
+        return {"C": self.C_, "normalization": self.normalization_, "view_weight": self.view_weight_,
+                "selected_by": self.selection_}
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """In float64, a chunk of rows at a time: never a float64 copy of all of X."""
@@ -131,6 +162,7 @@ class LogisticRegressionHead(FeatureHead):
             f.attrs["C"] = self.C_
             f.attrs["normalization"] = self.normalization_
             f.attrs["view_weight"] = self.view_weight_
+            f.attrs["selected_by"] = self.selection_
 
     def to_keras(self, features):
         """The head as stock Keras layers on a features tensor: the same normalisation, standardisation
@@ -161,6 +193,7 @@ class LogisticRegressionHead(FeatureHead):
             head.C_ = float(f.attrs["C"])
             head.normalization_ = str(f.attrs.get("normalization", "none"))  # heads saved before it existed: none
             head.view_weight_ = float(f.attrs.get("view_weight", 0.0))
+            head.selection_ = str(f.attrs.get("selected_by", "validation"))  # heads saved before cv: validation
         return head
 
 
@@ -175,9 +208,11 @@ def normalize(X: np.ndarray, kind: str) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12).astype(X.dtype)
 
 
-def _fit_chains(jobs: list, Z_val: np.ndarray, y_val: np.ndarray, n_classes: int, config: LogRegConfig) -> list[tuple]:
+def _fit_chains(jobs: list, held: tuple[np.ndarray, np.ndarray] | None, n_classes: int,
+                config: LogRegConfig) -> list[tuple]:
     """Each job's chain of C values, warm-started, the chains side by side on the usable cores;
-    each fit scored on validation. Returns (problem, C, score, coef, intercept, classes, n_iter)."""
+    each fit scored on the held-out rows (when given) as its count of correct rows and its
+    negative summed log loss. Returns (problem, C, score, coef, intercept, classes, n_iter)."""
 
     def fit_chain(job) -> list[tuple]:
         number, (rows, labels, sample_weight), chain = job
@@ -185,9 +220,13 @@ def _fit_chains(jobs: list, Z_val: np.ndarray, y_val: np.ndarray, n_classes: int
         fitted = []
         for c in chain:
             model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
-            proba = _expand(model.predict_proba(Z_val).astype(np.float64), model.classes_, n_classes)
-            proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
-            score = (accuracy_score(y_val, proba.argmax(1)), -log_loss(y_val, proba, labels=range(n_classes)))
+            score = (0, 0.0)
+            if held is not None:
+                Z_held, y_held = held
+                proba = _expand(model.predict_proba(Z_held).astype(np.float64), model.classes_, n_classes)
+                proba /= proba.sum(axis=1, keepdims=True)  # float32 rounding must not read as "not probabilities"
+                score = (int(np.sum(proba.argmax(1) == y_held)),
+                         -log_loss(y_held, proba, labels=range(n_classes), normalize=False))
             fitted.append((number, c, score, model.coef_.astype(np.float64), model.intercept_.astype(np.float64),
                            model.classes_.copy(), model.n_iter_.copy()))
         return fitted
@@ -195,8 +234,81 @@ def _fit_chains(jobs: list, Z_val: np.ndarray, y_val: np.ndarray, n_classes: int
     workers = min(len(jobs), usable_cores())
     # warning filters are process-wide, so they are set here, around every thread, not inside one
     with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on validation anyway
+        warnings.simplefilter("ignore", ConvergenceWarning)  # C is chosen on held-out rows anyway
         return [fit for chain in pool.map(fit_chain, jobs) for fit in chain]
+
+
+def _cross_validated(Z: np.ndarray, labels: np.ndarray, Z_views: np.ndarray | None, views: TrainingViews | None,
+                     folds: np.ndarray, first: int, weights: list[float], chains: list[list[float]], n_classes: int,
+                     config: LogRegConfig) -> list[tuple]:
+    """Every (view weight, C) of one normalisation scored by k-fold cross-validation: each fold's
+    rows held out in turn and scored by models fitted on the other folds (with the views of their
+    images only). Returns (problem, C, (accuracy, -mean log loss)) over all held-out rows."""
+    totals: dict[tuple[int, float], list] = {}
+    held_rows = 0
+    for fold in np.unique(folds):
+        out = folds == fold
+        if len(np.unique(labels[~out])) < 2:
+            continue  # too few rows for this fold: a classifier needs two classes
+        held = (Z[out], labels[out])
+        Z_in, y_in = Z[~out], labels[~out]
+        fold_views = None
+        if views is not None:
+            keep = ~out[views.sources]
+            fold_views = (Z_views[keep], views.labels[keep])
+        jobs = [(first + number, _weighted(Z_in, y_in, *(fold_views or (None, None)), weight), chain)
+                for number, weight in enumerate(weights) for chain in chains]
+        for number, c, (correct, loss), *_ in _fit_chains(jobs, held, n_classes, config):
+            total = totals.setdefault((number, c), [0, 0.0])
+            total[0] += correct
+            total[1] += loss
+        held_rows += int(out.sum())
+        del held, Z_in, y_in, fold_views, jobs
+    if not held_rows:  # a handful of rows: every setting scores alike, and the simplest is kept
+        log.warning("logistic regression: %d training rows are too few to cross-validate; the simplest setting "
+                    "is kept (the first normalisation, no views, the smallest C)", len(labels))
+        return [(first + number, c, (0.0, 0.0)) for number in range(len(weights)) for chain in chains for c in chain]
+    return [(number, c, (correct / held_rows, loss / held_rows)) for (number, c), (correct, loss) in totals.items()]
+
+
+def _fold_numbers(X: np.ndarray, labels: np.ndarray, folds: int) -> np.ndarray:
+    """Each row's fold: within each class, rows ordered by a hash of their raw features and dealt
+    out in turn (from a fold that depends on the class), so every fold has its share of every
+    class and the folds depend on the rows themselves, not their order."""
+    digests = np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+                        for row in np.ascontiguousarray(X, dtype=np.float32)], dtype=np.uint64)
+    order = np.lexsort((digests, labels))
+    ordered = labels[order]
+    rank = np.arange(len(order)) - np.searchsorted(ordered, ordered)  # place within its class
+    numbers = np.empty(len(labels), np.int64)
+    numbers[order] = (rank + ordered) % folds
+    return numbers
+
+
+def _weighted(Z: np.ndarray, labels: np.ndarray, Z_views: np.ndarray | None, view_labels: np.ndarray | None,
+              weight: float) -> tuple:
+    """(rows, labels, sample weights) to fit: the clean rows, and the views' rows at `weight` unless it is 0."""
+    if not weight or Z_views is None:
+        return Z, labels, None
+    return (np.vstack([Z, Z_views]), np.concatenate([labels, view_labels]),
+            np.concatenate([np.ones(len(Z)), np.full(len(Z_views), weight)]))
+
+
+def _normalise_and_standardise(Z: np.ndarray, normalization: str,
+                               moments: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Z normalised and standardised in place, with the given mean and scale or Z's own; returns them."""
+    _normalize_in_place(Z, normalization)
+    if moments is None:
+        mean, variance = _moments(Z)
+        moments = mean, _standard_scale(variance)
+    _standardise_in_place(Z, *moments)
+    return moments
+
+
+def _standardised_copy(X: np.ndarray, normalization: str, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    Z = np.array(X, dtype=np.float32)
+    _normalise_and_standardise(Z, normalization, (mean, scale))
+    return Z
 
 
 def _normalize_in_place(X: np.ndarray, kind: str) -> None:
@@ -266,10 +378,11 @@ def available_memory() -> int | None:
 
 
 def _check_memory(X, X_val) -> None:
-    """Refuse, before reading, splits that cannot fit: better one line now than swapping for hours."""
+    """Refuse, before reading, splits that cannot fit: better one line now than swapping for hours.
+    Without a validation split to read (cross-validation), a fold's copy of the training rows counts instead."""
     if not isinstance(X, FeatureRows):
         return  # the caller already holds the arrays
-    need = int(1.15 * (X.nbytes + X_val.nbytes))
+    need = int(1.15 * (X.nbytes + (X.nbytes if X_val is None else X_val.nbytes)))
     have = available_memory()
     if have is not None and need > have:
         raise DatasetError(f"logistic regression on {len(X):,} x {X.feature_dim} features needs about "
