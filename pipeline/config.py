@@ -190,8 +190,9 @@ class LogRegConfig(Section, key="head.logreg"):
     # the weight of each augmented view's row, tried with each C; 0 leaves views out
     view_weights: list[float] = setting(factory=lambda: [0.0, 0.3, 1.0], at_least=0, at_most=1)
     # how the setting is chosen: cv (k-fold cross-validation over the training images; the validation
-    # split is then never tuned on) or validation (scored on the validation split: fits its noise when small)
-    selection: Literal["cv", "validation"] = "cv"
+    # split is then never tuned on), validation (scored on the validation split: fits its noise when
+    # small), or auto: cv while the validation split has under 5,000 images, validation from there on
+    selection: Literal["auto", "cv", "validation"] = "auto"
     folds: int = setting(5, at_least=2)  # cross-validation folds
     tol: float = setting(1e-4, above=0)  # L-BFGS stops when the largest gradient entry is below this
 

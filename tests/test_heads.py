@@ -23,7 +23,7 @@ def _data(n_classes, seed=0):
 def test_logreg_matches_sklearn_and_round_trips(tmp_path, n_classes):
     X, y, X_val, y_val = _data(n_classes)
     head = LogisticRegressionHead(c_values=[0.01, 1.0], normalizations=["none"]).fit(X, y, X_val, y_val)
-    assert head.C_ in (0.01, 1.0) and head.params_["selected_by"] == "5-fold cv"
+    assert head.C_ in (0.01, 1.0) and head.params_["selected_by"] == "5-fold cv"  # auto: val is small
     assert [h["C"] for h in head.history_] == [0.01, 1.0]
     best = max(head.history_, key=lambda h: (h["cv_accuracy"], -h["cv_log_loss"]))
     assert best["C"] == head.C_
@@ -78,6 +78,19 @@ def test_logreg_normalisation_is_sklearn_on_normalised_vectors_and_round_trips(t
     np.testing.assert_allclose(head.predict_proba(X_val), reference.predict_proba(unit(X_val)), atol=2e-2)
     head.save(tmp_path)
     np.testing.assert_array_equal(load_head("logreg", tmp_path).predict_proba(X_val), head.predict_proba(X_val))
+
+
+def test_logreg_auto_selection_cross_validates_below_5000_validation_rows_only():
+    from pipeline.heads.logreg import CROSS_VALIDATE_BELOW
+
+    X, y = make_classification(n_samples=400 + CROSS_VALIDATE_BELOW, n_features=8, n_informative=4, random_state=0)
+    settings = dict(c_values=[0.1, 1.0], normalizations=["none"])
+    large = LogisticRegressionHead(**settings).fit(X[:400], y[:400], X[400:], y[400:])
+    assert large.params_["selected_by"] == "validation" and "val_accuracy" in large.history_[0]
+    small = LogisticRegressionHead(**settings).fit(X[:400], y[:400], X[401:], y[401:])
+    assert small.params_["selected_by"] == "5-fold cv" and "cv_accuracy" in small.history_[0]
+    forced = LogisticRegressionHead(**settings, selection="cv").fit(X[:400], y[:400], X[400:], y[400:])
+    assert forced.params_["selected_by"] == "5-fold cv"
 
 
 def _views_of(X, y, noise, seed=0):

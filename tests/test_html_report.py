@@ -173,4 +173,6 @@ def test_logreg_search_unlabeled_gallery_and_no_labels(tmp_path):
                              timings={"train": 1.0}).read_text()
     assert "No labeled images" in text and 'id="confusion"' not in text
     assert 'id="unlabeled"' in text and "data:image/jpeg;base64," in text
-    assert 'class="chosen"><td>1</td><td>0.7000</td>' in text  # the C that was kept is highlighted
+    # the setting that was kept is highlighted (a history from before normalisations and views: none, 0)
+    assert 'class="chosen"><td>1</td><td>none</td><td>0</td><td>0.7000</td>' in text
+    assert "scored on the validation split" in text

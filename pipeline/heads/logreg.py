@@ -1,6 +1,6 @@
 """Logistic regression on normalised, standardised features; normalisation, the weight of
-augmented views and the strength C chosen by cross-validation over the training images (or,
-with `selection = "validation"`, on the validation split).
+augmented views and the strength C chosen by cross-validation over the training images (or on
+the validation split, when it is large or `selection = "validation"`).
 
 Fitted with scikit-learn, stored as the four arrays that define it (mean, scale,
 coefficients, intercepts) so that loading needs no pickle and an export can rebuild it
@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 FILE_NAME = "head.h5"
 _CHUNK_ROWS = 8192
 _CHAINS = 2  # warm-started chains of C values, fitted side by side
+# cross-validation's fits stop at this tolerance (or head.logreg.tol, if looser): scores that choose
+# a setting need less precision than the model kept, and it halves the search (README measures both)
+_CV_TOL = 1e-3
+# selection = "auto" cross-validates while the validation split has fewer rows than this: at 5,000 an
+# accuracy's standard error is under 0.6 points, small beside what choosing among the settings gains
+CROSS_VALIDATE_BELOW = 5000
 
 
 class LogisticRegressionHead(FeatureHead):
@@ -42,7 +48,7 @@ class LogisticRegressionHead(FeatureHead):
     learns_from_views = True
 
     def __init__(self, *, c_values=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), max_iter: int = 1000,
-                 normalizations=("none", "l2", "sqrt"), view_weights=(0.0, 0.3, 1.0), selection: str = "cv",
+                 normalizations=("none", "l2", "sqrt"), view_weights=(0.0, 0.3, 1.0), selection: str = "auto",
                  folds: int = 5, tol: float = 1e-4):
         self.c_values = c_values
         self.max_iter = max_iter
@@ -58,7 +64,8 @@ class LogisticRegressionHead(FeatureHead):
         """Try each normalisation, view weight and C; keep the best (accuracy, then log loss; of
         equals, the simplest: normalisations in the order given, smaller weights, smaller C).
 
-        With `selection = "cv"` (the default) each setting is scored by stratified k-fold
+        With `selection = "cv"` (and "auto", the default, while the validation split has fewer
+        than CROSS_VALIDATE_BELOW rows) each setting is scored by stratified k-fold
         cross-validation over the training rows: every row is held out once, in a fold drawn
         from a hash of its features (so the folds do not depend on the rows' order, the
         machine or the core count), and scored by a model fitted on the other folds. The
@@ -66,7 +73,9 @@ class LogisticRegressionHead(FeatureHead):
         part in the choice, so its score is one the head was never tuned on. With
         `selection = "validation"` each setting is fitted on the training rows and scored on
         the validation split (choosing among many settings on a small validation split fits
-        its noise: README, "Augmented views, TTA and richer features").
+        its noise: README, "Augmented views, TTA and richer features"; a large one does not, and
+        "auto" uses it from CROSS_VALIDATE_BELOW rows on, where k-fold would cost k times the fits
+        and a copy of the training rows).
 
         `views` are extra rows from augmented views of the training images, each weighted by the
         view weight; 0 leaves them out, so with 0 among `view_weights` the choice is never worse
@@ -83,9 +92,12 @@ class LogisticRegressionHead(FeatureHead):
         with one BLAS thread: for these small products BLAS threads cost more than they bring
         (on a busy 2-core machine two threads made a fit 7x slower than one). The chains do
         not depend on the core count, so the chosen C is the same on every machine.
+        Cross-validation's fits stop at a tolerance of 1e-3 (or `tol`, if looser); the model
+        kept is fitted to `tol`.
         """
         config = self.checked_config()
-        cross_validate = config.selection == "cv"
+        cross_validate = config.selection == "cv" or (config.selection == "auto" and (
+            X_val is None or len(X_val) < CROSS_VALIDATE_BELOW))
         X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes, hold_out=not cross_validate)
         n_classes = len(self.classes_)
         _check_memory(X, None if cross_validate else X_val)
@@ -209,14 +221,14 @@ def normalize(X: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _fit_chains(jobs: list, held: tuple[np.ndarray, np.ndarray] | None, n_classes: int,
-                config: LogRegConfig) -> list[tuple]:
+                config: LogRegConfig, tol: float | None = None) -> list[tuple]:
     """Each job's chain of C values, warm-started, the chains side by side on the usable cores;
     each fit scored on the held-out rows (when given) as its count of correct rows and its
     negative summed log loss. Returns (problem, C, score, coef, intercept, classes, n_iter)."""
 
     def fit_chain(job) -> list[tuple]:
         number, (rows, labels, sample_weight), chain = job
-        model = LogisticRegression(max_iter=config.max_iter, tol=config.tol, warm_start=True)
+        model = LogisticRegression(max_iter=config.max_iter, tol=tol or config.tol, warm_start=True)
         fitted = []
         for c in chain:
             model.set_params(C=c).fit(rows, labels, sample_weight=sample_weight)
@@ -258,7 +270,7 @@ def _cross_validated(Z: np.ndarray, labels: np.ndarray, Z_views: np.ndarray | No
             fold_views = (Z_views[keep], views.labels[keep])
         jobs = [(first + number, _weighted(Z_in, y_in, *(fold_views or (None, None)), weight), chain)
                 for number, weight in enumerate(weights) for chain in chains]
-        for number, c, (correct, loss), *_ in _fit_chains(jobs, held, n_classes, config):
+        for number, c, (correct, loss), *_ in _fit_chains(jobs, held, n_classes, config, max(config.tol, _CV_TOL)):
             total = totals.setdefault((number, c), [0, 0.0])
             total[0] += correct
             total[1] += loss
