@@ -112,14 +112,18 @@ def run(data: dict, splits: int, head_config: LogRegConfig) -> dict[str, dict]:
 def table(results: dict[str, dict], scored: int) -> str:
     plain = np.array(next(iter(results.values()))["accuracy"])
     lines = [f"| head | accuracy | vs plain (points, mean ± s.e. over {len(plain)} splits) | worst, best split "
-             "| chosen most often |", "|---|---|---|---|---|"]
+             "| splits worse, better | chosen most often |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
         accuracy = np.array(result["accuracy"])
         diff = (accuracy - plain) * 100
         error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
         chosen = ", ".join(f"{setting} ({count})" for setting, count in Counter(result["chosen"]).most_common(3))
+        if result["chosen"]:
+            normalizations = Counter(setting.split()[0] for setting in result["chosen"])
+            chosen += "; " + ", ".join(f"{name} {count}" for name, count in normalizations.most_common())
         lines.append(f"| {name} | {accuracy.mean():.3f} | {diff.mean():+.2f} ± {error:.2f} | "
-                     f"{diff.min():+.1f}, {diff.max():+.1f} | {chosen or '-'} |")
+                     f"{diff.min():+.1f}, {diff.max():+.1f} | {np.sum(diff < 0)}, {np.sum(diff > 0)} | "
+                     f"{chosen or '-'} |")
     return "\n".join(lines) + f"\n\nscored on {scored} held-out images (one image = {100 / scored:.2f} points)"
 
 
