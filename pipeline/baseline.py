@@ -98,7 +98,7 @@ def run_baseline(config: Config, settings: BaselineSettings = BaselineSettings()
     info = RunInfo(FROM_SCRATCH, params, best["val_accuracy"], split_sizes, config.dataset_name,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), failed_images=len(failed),
                    label_conflicts=conflict_warnings, label_conflict_files=conflict_groups(dataset.entries, keys),
-                   train_seconds=seconds, model=record, extra={"from_scratch": True})
+                   train_seconds=seconds, model=record, from_scratch=True)
     save_run(run_dir, config, labels, samples, info, history)
     return BaselineResult(run_dir, labels, split_sizes, len(history), best["epoch"], best["val_accuracy"], failed,
                           seconds, dataset.warnings + conflict_warnings)

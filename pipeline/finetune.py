@@ -164,9 +164,9 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
                    label_conflict_files=_conflict_files(start, image_root is not None),
                    train_seconds=start.info.train_seconds, extract_seconds=_extract_seconds(start),
                    finetune_seconds=seconds, model=record, finetuned_from=frozen,
-                   extra={"frozen_val_accuracy": start.info.val_accuracy,
-                          "better_than_frozen": best["val_accuracy"] > start.info.val_accuracy,
-                          "kept_by": "best validation accuracy, ties by loss; epoch 0 is the frozen head"})
+                   frozen_val_accuracy=start.info.val_accuracy,
+                   better_than_frozen=best["val_accuracy"] > start.info.val_accuracy,
+                   kept_by="best validation accuracy, ties by loss; epoch 0 is the frozen head")
     # the head run's data settings, with the recipe this fine-tune used
     save_run(run_dir, replace(start.config, finetune=settings), start.labels, start.samples, info, history)
     result = FinetuneResult(run_dir, start.dir, start.labels, start.info.split_sizes,

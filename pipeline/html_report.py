@@ -315,7 +315,7 @@ def _history_section(run: Run) -> str:
                                         ("accuracy", [("training", "accuracy", "s1"),
                                                       ("validation", "val_accuracy", "s2")]))]
         kept = f", epoch {best}" if best else ""
-        note = f"Per epoch; the dashed line marks the epoch kept ({run.info.extra.get('kept_by', 'best validation loss')}{kept})."
+        note = f"Per epoch; the dashed line marks the epoch kept ({run.info.kept_by or 'best validation loss'}{kept})."
         return (f'<section><h2>Training curves</h2><p class="note">{esc(note)}</p>'
                 f'<div class="charts">{"".join(charts)}</div></section>')
     if history and "C" in history[0]:

@@ -61,7 +61,11 @@ class RunInfo:
     features: dict | None = None  # a head run's feature settings: pool_blocks, views, tta
     model: dict | None = None  # a whole model's {"file", "input_size"}
     finetuned_from: dict | None = None  # the head run a fine-tuned run started from
-    extra: dict = field(default_factory=dict)  # the rest: kept_by, frozen_val_accuracy, from_scratch, ...
+    frozen_val_accuracy: float | None = None  # a fine-tuned run's starting head, kept beside its own score
+    better_than_frozen: bool | None = None
+    kept_by: str | None = None  # how the kept epoch of a trained network was chosen
+    from_scratch: bool | None = None  # True for the baseline CNN, which never saw ImageNet features
+    extra: dict = field(default_factory=dict)  # keys this version does not know (a newer run.json), kept as read
 
     _WRITTEN_WHEN_NONE: ClassVar[tuple[str, ...]] = ("val_accuracy", "fingerprint", "cache")
 
