@@ -14,6 +14,8 @@ error of that mean. Run:
         --set backbone.name=mobilenet --set backbone.alpha=0.25
 
 Extra `--set head.logreg.KEY=VALUE` settings change the default head (for example its folds).
+The backbone's weights are read as extract reads them (KERAS_HOME=<a copy of ../shared/keras>
+works offline).
 """
 
 from __future__ import annotations

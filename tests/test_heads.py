@@ -118,6 +118,8 @@ def test_logreg_view_weight_zero_is_the_plain_head_and_the_choice_never_loses(se
         assert accuracy(chosen) >= accuracy(plain)
     only_zero = LogisticRegressionHead.from_config(config).fit(X, y, X_val, y_val, views=views)
     np.testing.assert_array_equal(only_zero.coef_, plain.coef_)
+    with pytest.raises(TypeError, match="TrainingViews"):  # views without their sources could leak across folds
+        LogisticRegressionHead.from_config(config).fit(X, y, X_val, y_val, views=(views.features, views.labels))
 
 
 def test_logreg_cross_validation_keeps_each_images_views_in_its_fold():

@@ -96,6 +96,10 @@ class LogisticRegressionHead(FeatureHead):
         kept is fitted to `tol`.
         """
         config = self.checked_config()
+        if views is not None and not isinstance(views, TrainingViews):
+            raise TypeError(f"views is a {type(views).__name__}; fix: pass pipeline.features.TrainingViews(features, "
+                            "labels, sources), sources being the training row each view is of (cross-validation "
+                            "keeps an image's views in its fold)")
         cross_validate = config.selection == "cv" or (config.selection == "auto" and (
             X_val is None or len(X_val) < CROSS_VALIDATE_BELOW))
         X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes, hold_out=not cross_validate)
