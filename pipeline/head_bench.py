@@ -102,7 +102,8 @@ def run(data: dict, splits: int, head_config: LogRegConfig) -> dict[str, dict]:
                 views = TrainingViews(features.reshape(-1, X.shape[1]), np.repeat(y[fit_rows], len(view_indices)),
                                       np.repeat(np.arange(len(fit_rows)), len(view_indices)))
             head = LogisticRegressionHead(**settings).fit(X[fit_rows], y[fit_rows], X[val_rows], y[val_rows],
-                                                          n_classes=n_classes, views=views)
+                                                          n_classes=n_classes, views=views,
+                                                          groups=[data["keys"][row] for row in fit_rows])
             predicted = head.predict_proba(X_test_flip if flip else X_test).argmax(1)
             results[name]["accuracy"].append(float(np.mean(predicted == y_test)))
             results[name]["chosen"].append(f"{head.normalization_} C {head.C_:g}"

@@ -77,6 +77,8 @@ def train(config: Config, head=None) -> TrainResult:
                 rows_of = FeatureRows.of(cache, [rows[key] for key in keys[split]], labels_of)
                 data[split] = rows_of, rows_of.labels
         view_indices = augment.wanted_views(config.augment.views, config.head.tta)
+        key_of_row = {rows[key]: key for key in keys["train"]}
+        identities = [key_of_row[row] for row in data["train"][0].rows]  # content hashes in the rows' order: the folds
         views = None
         if view_indices:  # each view knows its image's row among the training rows (sorted by cache row)
             positions = np.searchsorted(data["train"][0].rows, [rows[key] for key in keys["train"]])
@@ -89,7 +91,10 @@ def train(config: Config, head=None) -> TrainResult:
         views = None
     # heads read (or stream) their splits from the cache themselves: a big split is never held twice
     (train_X, train_y), (val_X, val_y) = data["train"], data["val"]
-    head.fit(train_X, train_y, val_X, val_y, n_classes=len(labels), **({"views": views} if views else {}))
+    extras = {"views": views} if views else {}
+    if getattr(head, "folds_by_identity", False):
+        extras["groups"] = identities
+    head.fit(train_X, train_y, val_X, val_y, n_classes=len(labels), **extras)
     val_chunks = val_X.chunks() if isinstance(val_X, FeatureRows) else [(val_X, val_y)]
     correct = sum(int(np.sum(head.predict_proba(X).argmax(1) == y)) for X, y in val_chunks)
     val_accuracy = correct / len(val_y)

@@ -15,11 +15,11 @@ def _run(stage, config_args, *extra):
 
 
 # Validation accuracy on flowers5 (750 train, 200 val photos) with MobileNet v1 0.25's ImageNet
-# features, as measured (AMD EPYC, Zen 3): logistic regression 0.845 (deterministic; chosen by
-# cross-validation over train, so val was never tuned on; 0.835 when it was chosen on val); the dense
+# features, as measured (Intel Xeon, AMX): logistic regression 0.83 (deterministic: sqrt, C 0.03, chosen by
+# cross-validation over train in folds drawn from content hashes, so val was never tuned on); the dense
 # head 0.84, 0.845, 0.86, 0.835, 0.83 with seeds 0-4 (README's run: 0.855). A regression of more
 # than about 2 points fails.
-MEASURED = {"logreg": 0.845, "dense": 0.845}
+MEASURED = {"logreg": 0.83, "dense": 0.845}
 FLOOR_BAND = 0.02
 
 

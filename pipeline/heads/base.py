@@ -33,6 +33,7 @@ class FeatureHead(ClassifierMixin, BaseEstimator):
     kind: ClassVar[str] = ""
     config_class: ClassVar[type] = type(None)  # the Section its parameters are checked by
     learns_from_views: ClassVar[bool] = False  # fit(..., views=) uses augmented views of the training images
+    folds_by_identity: ClassVar[bool] = False  # fit(..., groups=) draws cross-validation folds from row identities
 
     @classmethod
     def from_config(cls, config) -> "FeatureHead":
