@@ -106,6 +106,9 @@ def run_finetune(config: Config, start_dir: Path | None = None, *, progress: boo
     started = time.perf_counter()
     settings = config.finetune
     start = load_run(start_dir or latest_head_run(config))
+    if start_dir is not None and start.info.dataset != config.dataset_name:
+        log.warning("%s is a run of %r, not of this config's %r: fine-tuning on that run's images, and the "
+                    "fine-tuned run goes beside it", start.dir, start.info.dataset, config.dataset_name)
     if whole_model(start.info) is not None:
         raise ConfigError(f"{start.dir} is not a head trained on cached features; fix: pass --run with a run "
                           "written by `make train`")

@@ -156,7 +156,12 @@ def test_unfreeze_takes_a_share_or_a_whole_number_of_blocks(value):
         load_config(None, [f"finetune.unfreeze={value}"])
 
 
-def test_finetuning_a_run_that_is_not_a_head_run_is_refused(finetuned):
+def test_finetuning_a_run_that_is_not_a_head_run_is_refused(finetuned, caplog):
     config, _, run_dir = finetuned
     with pytest.raises(ConfigError, match="not a head trained on cached features"):
         run_finetune(config, run_dir, progress=False)
+    assert "is a run of" not in caplog.text
+    other = tiny_config(Path(config.cache.dir).parent, Path(config.data.root), **{"data.name": "other"})
+    with pytest.raises(ConfigError, match="not a head trained on cached features"):  # a run of another dataset is named first
+        run_finetune(other, run_dir, progress=False)
+    assert "is a run of 'tiny', not of this config's 'other'" in caplog.text
