@@ -96,6 +96,19 @@ def test_logistic_regression_that_cannot_fit_in_memory_is_refused_in_one_line(bi
     assert "\n" not in message and "GiB" in message and 'head.kind = "dense"' in message
 
 
+def test_cross_validation_that_cannot_fit_names_choosing_on_validation_when_that_fits(big_cache, monkeypatch):
+    from pipeline.heads import logreg
+
+    train, val = splits(big_cache, np.random.default_rng(3))
+    monkeypatch.setattr(logreg, "available_memory", lambda: int(1.15 * (train.nbytes + val.nbytes)) + 1)
+    with pytest.raises(DatasetError) as refused:
+        LogisticRegressionHead(selection="cv").fit(train, train.labels, val, val.labels)
+    message = str(refused.value)
+    assert "\n" not in message and 'head.logreg.selection = "validation"' in message
+    chosen_on_val = LogisticRegressionHead(selection="validation").fit(train, train.labels, val, val.labels)
+    assert chosen_on_val.params_["selected_by"] == "validation"
+
+
 def test_logistic_regression_holds_one_normalisation_of_the_rows_at_a_time(tmp_path):
     """Trying three normalisations must not hold three copies of the training matrix (a 1M-row
     cache was killed for memory that way): numpy's allocations, traced, stay near one copy."""

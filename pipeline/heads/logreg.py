@@ -112,7 +112,7 @@ class LogisticRegressionHead(FeatureHead):
             X_val is None or len(X_val) < CROSS_VALIDATE_BELOW))
         X, y, X_val, y_val = self._prepare(X, y, X_val, y_val, n_classes, hold_out=not cross_validate)
         n_classes = len(self.classes_)
-        _check_memory(X, None if cross_validate else X_val)
+        _check_memory(X, X_val, cross_validate)
         weights = [0.0] if views is None else sorted(set(config.view_weights))
         c_values = sorted(config.c_values)
         chains = [chain for start in range(_CHAINS) if (chain := c_values[start::_CHAINS])]
@@ -310,21 +310,24 @@ def _within_noise_lowest_loss(scored: list[tuple], held_rows: int) -> tuple:
 
 
 def _fold_numbers(identities: np.ndarray | Sequence[str], labels: np.ndarray, folds: int) -> np.ndarray:
-    """Each row's fold: within each class, rows ordered by a hash of their identity (a content
-    hash, or the raw feature row) and dealt out in turn (from a fold that depends on the class),
-    so every fold has its share of every class and the folds depend on the rows themselves, not
-    their order."""
+    """Each row's fold: within each class, the distinct identities (content hashes, or the raw
+    feature rows) ordered by their hash and dealt out in turn (from a fold that depends on the
+    class), so every fold has its share of every class, the folds depend on the rows themselves,
+    not their order, and copies of one image (the same file twice) share a fold: a held-out row
+    is never scored by a model that trained on its copy."""
     if isinstance(identities, np.ndarray):
         identities = [row.tobytes() for row in np.ascontiguousarray(identities, dtype=np.float32)]
-    digests = np.array([int.from_bytes(hashlib.blake2b(str(identity).encode() if isinstance(identity, str)
-                                                       else identity, digest_size=8).digest(), "little")
+    digests = np.array([int.from_bytes(hashlib.blake2b(identity.encode() if isinstance(identity, str) else identity,
+                                                       digest_size=8).digest(), "little")
                         for identity in identities], dtype=np.uint64)
-    order = np.lexsort((digests, labels))
-    ordered = labels[order]
+    distinct, first, row_of = np.unique(digests, return_index=True, return_inverse=True)
+    classes = labels[first]  # a copy's class is its first row's
+    order = np.lexsort((distinct, classes))
+    ordered = classes[order]
     rank = np.arange(len(order)) - np.searchsorted(ordered, ordered)  # place within its class
-    numbers = np.empty(len(labels), np.int64)
+    numbers = np.empty(len(distinct), np.int64)
     numbers[order] = (rank + ordered) % folds
-    return numbers
+    return numbers[row_of.reshape(-1)]
 
 
 def _weighted(Z: np.ndarray, labels: np.ndarray, Z_views: np.ndarray | None, view_labels: np.ndarray | None,
@@ -419,18 +422,24 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_memory(X, X_val) -> None:
+def _check_memory(X, X_val, cross_validate: bool) -> None:
     """Refuse, before reading, splits that cannot fit: better one line now than swapping for hours.
-    Without a validation split to read (cross-validation), a fold's copy of the training rows counts instead."""
+    Cross-validation holds a fold's copy of the training rows where choosing on validation holds
+    the validation split, so its refusal names that cheaper choice when it would fit."""
     if not isinstance(X, FeatureRows):
         return  # the caller already holds the arrays
-    need = int(1.15 * (X.nbytes + (X.nbytes if X_val is None else X_val.nbytes)))
+    need = int(1.15 * (X.nbytes + (X.nbytes if cross_validate or X_val is None else X_val.nbytes)))
     have = available_memory()
-    if have is not None and need > have:
-        raise DatasetError(f"logistic regression on {len(X):,} x {X.feature_dim} features needs about "
-                           f"{need / 2**30:.1f} GiB of memory and {have / 2**30:.1f} GiB is available; fix: set "
-                           'head.kind = "dense", which streams its rows from the cache, or train on a machine '
-                           "with more memory")
+    if have is None or need <= have:
+        return
+    cheaper = ""
+    if cross_validate and X_val is not None and int(1.15 * (X.nbytes + X_val.nbytes)) <= have:
+        cheaper = ('head.logreg.selection = "validation", which chooses on the validation split without a '
+                   "fold's copy of the training rows, or ")
+    raise DatasetError(f"logistic regression on {len(X):,} x {X.feature_dim} features needs about "
+                       f"{need / 2**30:.1f} GiB of memory and {have / 2**30:.1f} GiB is available; fix: set "
+                       f'{cheaper}head.kind = "dense", which streams its rows from the cache, or train on a machine '
+                       "with more memory")
 
 
 # what keras.layers.Normalization divides by at least (keras.config.epsilon()): the exported
